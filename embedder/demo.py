@@ -1,0 +1,131 @@
+"""`make demo`: the whole recipe on the shipped Debian data with a tiny from-scratch encoder.
+
+Stages (each a normal `python -m embedder.train` run, so each resumes by itself):
+  1. pre-finetune on (synopsis, description) pairs, large batch via the gradient cache;
+  2. mine hard negatives for the training pairs with the stage-1 model;
+  3. finetune from stage 1 with the mined hard negatives, task-homogeneous batches;
+then a before/after table (printed, and written to WORKDIR/results.md and .json)
+and a plot of the evaluation curves.
+
+    python -m embedder.demo --workdir workdir/demo [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "demo.py"
+
+
+def _load_config(arg: str, overrides: dict):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_experiment", EXPERIMENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    with config.unlocked():
+        for key, value in overrides.items():
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return config
+
+
+def _row(name: str, flat: dict, keys: list[str]) -> list[str]:
+    return [name] + [f"{flat[k]:.3f}" if k in flat else "-" for k in keys]
+
+
+def results_table(evals: dict[str, dict], dim: int) -> tuple[str, list[str]]:
+    """Markdown table of the headline metric of each task at `dim`, one row per model."""
+    keys = sorted({k for flat in evals.values() for k in flat if k.endswith(f"@{dim}")})
+    header = ["model"] + [k.removeprefix("eval/") for k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, flat in evals.items():
+        lines.append("| " + " | ".join(_row(name, flat, keys)) + " |")
+    return "\n".join(lines), keys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="workdir/demo", help="where the three stages write")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps per stage on a data subset (a smoke test, not the demo)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from embedder.synth.mining import mine_hard_negatives_file
+    from embedder.train.loop import train
+
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    quick = {"total_steps": 4, "eval.max_queries": 200, "checkpoint.every_steps": 2} if args.quick else {}
+    t0 = time.time()
+
+    stage1_dir = workdir / "1_prefinetune"
+    stage1 = train(_load_config("prefinetune", quick), stage1_dir)
+
+    mined = workdir / "mined_negatives.jsonl"
+    if not mined.exists():
+        cfg = _load_config("finetune", quick)
+        mine_hard_negatives_file(
+            model_path=str(stage1_dir), in_file=str(REPO / "data/debian/train_pairs.jsonl.gz"),
+            out_file=str(mined), num_negatives=cfg.data.num_negatives, task="search result",
+            limit=cfg.data.get("max_records") or None)
+
+    stage2_dir = workdir / "2_finetune"
+    overrides = dict(quick)
+    overrides["init_from"] = str(stage1_dir)
+    overrides["data.datasets"] = _with_mined(_load_config("finetune", quick).data.datasets, str(mined))
+    stage2 = train(_load_config("finetune", overrides), stage2_dir)
+
+    untrained = _first_eval(stage1_dir)
+    evals = {"untrained": untrained, "1: pre-finetuned": stage1["eval"], "2: finetuned": stage2["eval"]}
+    dim = max(_load_config("finetune", quick).loss.dims)
+    table, _ = results_table(evals, dim)
+    elapsed = time.time() - t0
+    text = (f"# Demo results (MRL dim {dim}; {elapsed / 60:.1f} min)\n\n{table}\n")
+    (workdir / "results.md").write_text(text)
+    (workdir / "results.json").write_text(json.dumps({"dim": dim, "evals": evals, "seconds": elapsed}, indent=1))
+    _plot(workdir, [stage1_dir, stage2_dir])
+    print("\n" + text)
+    print(f"workdir: {workdir}  (results.md, results.json, plots/, 1_prefinetune/, 2_finetune/)")
+    return 0
+
+
+def _with_mined(datasets, mined_file: str):
+    out = []
+    for d in datasets:
+        d = dict(d)
+        if d.get("name") == "debian_pairs":
+            d["files"] = [mined_file]
+        out.append(d)
+    return out
+
+
+def _first_eval(run_dir: pathlib.Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step") == 0 and any(k.startswith("eval/") for k in row):
+            return {k: v for k, v in row.items() if k.startswith("eval/")}
+    return {}
+
+
+def _plot(workdir: pathlib.Path, run_dirs) -> None:
+    from embedder.evaluate.plots import plot_stages
+
+    plot_stages([d / "metrics.jsonl" for d in run_dirs], workdir / "plots")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The training config schema: `base_config()` holds every field with its default.
+
+Experiment files (`experiments/NAME.py`) start from `base_config()` and change
+what they need; `python -m embedder.train --config experiments/NAME.py:ARG`
+loads them (big_vision style) and any field can then be overridden with
+`--config.a.b=value`. Fields that do not exist are rejected, because the
+config is locked.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def model_config_dict(name: str, **overrides) -> ConfigDict:
+    """The named architecture as a ConfigDict, so each field is overridable."""
+    from embedder.model.config import get_model_config
+
+    return ConfigDict(get_model_config(name, **overrides).to_dict())
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.batch_size = 64            # global batch (rows); every row is a negative for every other row
+    c.total_steps = 100
+    c.log_every = 10
+    c.grad_cache_chunks = 0      # >1: gradient cache with this many chunks per global batch
+
+    c.mesh = ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (-1, 1, 1)})
+    c.sharding = ConfigDict({"rules": (), "check_min_size": 1 << 22})
+
+    c.model = model_config_dict("tiny")
+    # A trained model to start from: a workdir, checkpoint step, param export,
+    # or Hugging Face / sentence-transformers folder. Empty: random init.
+    c.init_from = ""
+    c.tokenizer = ConfigDict({"kind": "sentencepiece", "file": "debian_sp8k.model",
+                              "max_length": 128, "add_bos": True, "add_eos": True})
+    # Prompt templates of the model (method.md); empty strings mean raw text.
+    c.prompts = ConfigDict({"query": "task: {task} | query: {text}",
+                            "document": "title: {title} | text: {text}"})
+
+    c.loss = ConfigDict({
+        "dims": (64,),
+        "dim_weights": (),
+        "temperature": 0.05,
+        "global_hard_negatives": False,
+        "mask_duplicates": True,
+        "literal_mask": False,
+        "same_tower": False,
+        "symmetric": False,
+        "hardness_alpha": 0.0,
+        "spread_out_weight": 0.0,
+    })
+
+    c.optimizer = ConfigDict({
+        "name": "adamw",
+        "learning_rate": 1e-3,
+        "warmup_steps": 10,
+        "schedule": "cosine",       # cosine | linear | constant
+        "end_lr_fraction": 0.0,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "decay_norms_biases_embeddings": False,
+        "grad_clip_norm": 1.0,
+        "frozen": (),               # regexes of parameter paths to keep fixed
+    })
+
+    from embedder.data.pipeline import default_data_config
+
+    c.data = default_data_config()
+
+    c.eval = ConfigDict({
+        "tasks": (),                # task directories (BEIR / MTEB formats)
+        "every_steps": 0,           # 0: only at the end
+        "at_start": True,           # also evaluate the initial model
+        "dims": (),                 # MRL dims to report; empty: loss.dims
+        "batch_size": 128,
+        "max_queries": 0,           # >0: subsample queries / texts during training evals
+        "best_metric": "",          # e.g. "eval/debian_retrieval/ndcg@10@64"; empty: keep last N only
+    })
+
+    c.checkpoint = ConfigDict({
+        "every_steps": 50,
+        "max_to_keep": 3,
+        "async_save": True,
+        "export_params": True,      # write DIR/export (param-only) at the end
+    })
+    return c
+
+
+def model_spec(config) -> dict:
+    """The model spec (ARCHITECTURE.md) of the model this config trains."""
+    tok = config.tokenizer.to_dict()
+    prompts = config.prompts.to_dict()
+    if not prompts.get("query") and not prompts.get("document"):
+        prompts = None
+    return {"model": config.model.to_dict(), "tokenizer": tok, "prompts": prompts}
+
+
+def config_to_json(config) -> str:
+    return json.dumps(config.to_dict(), indent=1, sort_keys=True, default=_json_default)
+
+
+def _json_default(obj):
+    if isinstance(obj, tuple):
+        return list(obj)
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    return str(obj)
