@@ -23,6 +23,24 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host; launch/ scripts set this).")
 
 
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize()`; JAX_NUM_PROCESSES / JAX_PROCESS_ID fill what jax 0.10 does
+    not read from the environment itself (it reads JAX_COORDINATOR_ADDRESS, and cluster env
+    such as SLURM, Cloud TPU and GKE)."""
+    import os
+
+    import jax
+
+    kwargs = {}
+    for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(env):
+            try:
+                kwargs[arg] = int(os.environ[env])
+            except ValueError:
+                raise app.UsageError(f"{env}={os.environ[env]!r} must be an integer") from None
+    jax.distributed.initialize(**kwargs)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -35,9 +53,7 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     if _DISTRIBUTED.value:
-        import jax
-
-        jax.distributed.initialize()
+        _initialize_distributed()
     from embedder.train.loop import train
 
     train(_CONFIG.value, _WORKDIR.value)
