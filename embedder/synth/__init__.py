@@ -1,0 +1,13 @@
+"""Synthetic training data: LLM clients, query generation, LLM filtering, classification data, hard negatives.
+
+Command line: `python -m embedder.synth queries|filter|classify|negatives --help`.
+"""
+from embedder.synth.cache import MemoryCache, ResponseCache, cache_key
+from embedder.synth.llm_client import LLMClient, make_client, parse_llm_spec
+from embedder.synth.retry import FatalLLMError, RetryableError, RetryPolicy
+from embedder.synth.runner import LLMRequest, LLMResult, LLMRunner
+
+__all__ = [
+    "FatalLLMError", "LLMClient", "LLMRequest", "LLMResult", "LLMRunner", "MemoryCache", "ResponseCache",
+    "RetryPolicy", "RetryableError", "cache_key", "make_client", "parse_llm_spec",
+]
