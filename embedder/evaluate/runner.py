@@ -11,6 +11,7 @@ wrapper around an in-training model). Results:
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Iterable, Sequence
 
@@ -115,12 +116,41 @@ def _run_reranking(task, dims, enc):
     return out, {"queries": len(q), "candidates": len(c)}
 
 
+def subsample_task(task: Task, max_items: int, seed: int = 0) -> Task:
+    """The task with at most `max_items` queries / test texts / pairs (each train split too),
+    drawn once with `seed`; the retrieval corpus and every judged document stay. For cheap,
+    repeatable evaluations during training: numbers are not comparable with full runs."""
+    rng = np.random.RandomState(seed)
+
+    def pick(n):
+        return np.sort(rng.choice(n, max_items, replace=False)) if n > max_items else np.arange(n)
+
+    def take(columns: dict) -> dict:
+        n = len(next(iter(columns.values())))
+        idx = pick(n)
+        return {k: [v[i] for i in idx] for k, v in columns.items()}
+
+    d = task.data
+    if task.type == "retrieval":
+        kept = take({"query_ids": d["query_ids"], "query_texts": d["query_texts"]})
+        data = dict(d, **kept)
+    elif task.type == "classification":
+        data = {"train": take(d["train"]), "test": take(d["test"])}
+    else:
+        data = take(d)
+    return dataclasses.replace(task, data=data)
+
+
 def evaluate_task(encoder, task: Task | str | pathlib.Path, dims: Sequence[int] | None = None, *,
                   batch_size: int = 64, top_k: int = 1000, shots: Sequence[int] = (16,), seeds: int = 5,
-                  progress: bool = False) -> dict:
-    """Evaluate one task (a `Task` or a task directory) at each dim in `dims` (None: full dim)."""
+                  max_queries: int | None = None, progress: bool = False) -> dict:
+    """Evaluate one task (a `Task` or a task directory) at each dim in `dims` (None: full dim).
+
+    `max_queries` > 0 evaluates on a fixed seeded subsample (see `subsample_task`)."""
     if not isinstance(task, Task):
         task = load_task(task)
+    if max_queries:
+        task = subsample_task(task, int(max_queries))
 
     def enc(texts, *, role, task, titles=None, desc=""):
         return encode_texts(encoder, texts, role=role, task=task, titles=titles, batch_size=batch_size,
