@@ -45,11 +45,11 @@ def _io_flags(p: argparse.ArgumentParser, needs_in: bool = True) -> None:
     p.add_argument("--out", required=True, help="output .jsonl (or .jsonl.gz)")
     p.add_argument("--limit", type=int, help="use only the first N input records")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of skipping it")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and every retry")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m embedder.synth", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("queries", help="few-shot query generation for passages")

@@ -54,5 +54,5 @@ def generate_queries(
         if passage.get("title"):
             record["title"] = passage["title"]
         record["synth"] = {"llm": runner.client.name, "prompt_id": prompt_id, "task_type": task_type,
-                           "sample": sample, "cached": result.cached}
+                           "sample": sample}
         yield record
