@@ -1,0 +1,111 @@
+"""Bidirectional multi-head attention (MHA / GQA / MQA) with optional sliding window,
+QK-norm, RoPE and logit soft-capping."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from embedder.model.config import ModelConfig
+from embedder.model.einsum import Einsum
+from embedder.model.norms import RMSNorm
+from embedder.model.rope import apply_rope
+
+
+def attention_mask(key_mask, window: int | None = None):
+    """Boolean `[B, 1, L, L]`: query i may see key j.
+
+    Every query sees every non-padding key; with a `window`, only keys with
+    `|i - j| < window` (the symmetric window of bidirectional local layers).
+    """
+    key_mask = jnp.asarray(key_mask).astype(bool)
+    mask = key_mask[:, None, None, :]
+    if window is not None:
+        length = key_mask.shape[-1]
+        pos = jnp.arange(length)
+        near = jnp.abs(pos[:, None] - pos[None, :]) < window
+        mask = mask & near[None, None]
+    return mask
+
+
+def _softcap(x, cap):
+    return jnp.tanh(x / cap) * cap
+
+
+class Attention(nn.Module):
+    """Self-attention over `[B, L, D]` with `layer_type` "global" or "local".
+
+    The gemma family rotates q/k with RoPE (local and global bases differ) and
+    can QK-normalise; the bert family has biases and no RoPE.
+    """
+
+    config: ModelConfig
+    layer_type: str = "global"
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool = True):
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        bert = cfg.family == "bert"
+
+        def proj(name, heads, head_axis):
+            return Einsum(
+                (d, heads, h), ("embed", head_axis, "head_dim"), dtype=dtype, param_dtype=pdtype,
+                bias_shape=(heads, h) if bert else None,
+                bias_axes=(head_axis, "head_dim") if bert else None, name=name)
+
+        q = proj("q", n, "heads")("BLD,DNH->BLNH", x)
+        key = proj("k", k, "kv_heads")("BLD,DKH->BLKH", x)
+        value = proj("v", k, "kv_heads")("BLD,DKH->BLKH", x)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+
+        if cfg.use_qk_norm:
+            q = RMSNorm(cfg.norm_eps, pdtype, name="q_norm")(q)
+            key = RMSNorm(cfg.norm_eps, pdtype, name="k_norm")(key)
+        local = self.layer_type == "local"
+        if not bert:
+            positions = jnp.arange(x.shape[1])
+            if local:
+                base, factor = cfg.rope_base_local, 1.0
+            else:
+                base, factor = cfg.rope_base_global, cfg.rope_scale_global
+            q = apply_rope(q, positions, base=base, scale_factor=factor)
+            key = apply_rope(key, positions, base=base, scale_factor=factor)
+
+        scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+        mask = attention_mask(key_mask, cfg.sliding_window if local else None)
+        use_dropout = cfg.attention_dropout_rate > 0 and not deterministic
+        if cfg.attention_impl != "xla" and not use_dropout:
+            # jax.nn.dot_product_attention has no soft-cap or dropout (config validation
+            # rejects a soft-cap; training with attention dropout takes the einsum path).
+            out = jax.nn.dot_product_attention(
+                q, key, value, mask=mask, scale=scale,
+                implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+        else:
+            out = self._einsum_attention(q, key, value, mask, scale, deterministic)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        return Einsum((n, h, d), ("heads", "head_dim", "embed"), dtype=dtype, param_dtype=pdtype,
+                      bias_shape=(d,) if bert else None, bias_axes=("embed",) if bert else None,
+                      name="o")("BLNH,NHD->BLD", out)
+
+    def _einsum_attention(self, q, key, value, mask, scale, deterministic):
+        cfg = self.config
+        b, length, n, h = q.shape
+        k = key.shape[2]
+        # Query head n = kv_head * group + g, the order HF's repeat_kv uses.
+        q = (q * jnp.asarray(scale, q.dtype)).reshape(b, length, k, n // k, h)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key).astype(jnp.float32)
+        if cfg.attn_logit_softcap:
+            logits = _softcap(logits, cfg.attn_logit_softcap)
+        # A finite fill keeps rows with no visible key (padding queries far from any
+        # real token in a local layer) finite, so masked pooling never meets NaN.
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+        if cfg.attention_dropout_rate > 0 and not deterministic:
+            probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=False)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value)
+        return out.reshape(b, length, n, h)

@@ -1,0 +1,69 @@
+"""BERT-style encoder (MiniLM, BGE, E5): learned positions, token types, post-LayerNorm, GELU."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from embedder.model.attention import Attention
+from embedder.model.config import ModelConfig
+from embedder.model.feedforward import FeedForward
+from embedder.model.norms import LayerNorm
+from embedder.model.remat import remat_block
+
+_EMBED_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class BertBlock(nn.Module):
+    """Attention and MLP, each followed by dropout, residual add and LayerNorm."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        cfg = self.config
+        pdtype = jnp.dtype(cfg.param_dtype)
+        h = Attention(cfg, "global", name="attention")(x, key_mask, deterministic)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
+        x = LayerNorm(cfg.layer_norm_eps, pdtype, name="attention_norm")(x + h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        h = FeedForward(cfg, name="mlp")(x)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
+        x = LayerNorm(cfg.layer_norm_eps, pdtype, name="output_norm")(x + h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class BertEncoder(nn.Module):
+    """`[B, L]` token ids -> `[B, L, D]` last hidden state."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        length = input_ids.shape[1]
+        if length > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings="
+                f"{cfg.max_position_embeddings}; truncate inputs to that length")
+
+        def table(name, rows, axis):
+            return jnp.asarray(self.param(
+                name, nn.with_logical_partitioning(_EMBED_INIT, (axis, "embed")),
+                (rows, cfg.hidden_size), pdtype), dtype)
+
+        words = table("word_embedding", cfg.vocab_size, "vocab")
+        positions = table("position_embedding", cfg.max_position_embeddings, "position")
+        types = table("type_embedding", cfg.type_vocab_size, "types")
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = (jnp.take(words, input_ids, axis=0) + jnp.take(types, token_type_ids, axis=0)
+             + positions[None, :length])
+        x = LayerNorm(cfg.layer_norm_eps, pdtype, name="embed_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic or cfg.dropout_rate == 0)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        block = remat_block(BertBlock, cfg.remat)
+        for i in range(cfg.num_layers):
+            x = block(cfg, name=f"layer_{i}")(x, attention_mask, deterministic)
+        return x

@@ -1,0 +1,60 @@
+"""The Gemma 1/2/3 body made bidirectional: scaled token embedding, blocks, final RMSNorm."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from embedder.model.attention import Attention
+from embedder.model.config import ModelConfig
+from embedder.model.feedforward import GatedFeedForward
+from embedder.model.norms import RMSNorm
+from embedder.model.remat import remat_block
+
+
+class GemmaBlock(nn.Module):
+    """Pre-norm attention and GeGLU, with Gemma 2/3's post-norms when configured."""
+
+    config: ModelConfig
+    layer_type: str = "global"
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        cfg = self.config
+        pdtype = jnp.dtype(cfg.param_dtype)
+        h = RMSNorm(cfg.norm_eps, pdtype, name="pre_attention_norm")(x)
+        h = Attention(cfg, self.layer_type, name="attention")(h, key_mask, deterministic)
+        if cfg.use_post_attn_norm:
+            h = RMSNorm(cfg.norm_eps, pdtype, name="post_attention_norm")(h)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
+        x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+        h = RMSNorm(cfg.norm_eps, pdtype, name="pre_ffw_norm")(x)
+        h = GatedFeedForward(cfg, name="mlp")(h)
+        if cfg.use_post_ffw_norm:
+            h = RMSNorm(cfg.norm_eps, pdtype, name="post_ffw_norm")(h)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
+        return nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+
+
+class GemmaEncoder(nn.Module):
+    """`[B, L]` token ids -> `[B, L, D]` last hidden state (after the final norm)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        del token_type_ids  # gemma has no segment embeddings
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+        x = jnp.take(jnp.asarray(table, dtype), input_ids, axis=0)
+        # The sqrt(d) factor is cast to the compute dtype first, as HF does (55.5 in bf16).
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        block = remat_block(GemmaBlock, cfg.remat)
+        for i, layer_type in enumerate(cfg.layer_types):
+            x = block(cfg, layer_type, name=f"layer_{i}")(x, attention_mask, deterministic)
+        return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x)
