@@ -26,13 +26,18 @@ def exact_top_k(queries: np.ndarray, docs: np.ndarray, k: int, *, query_chunk: i
         for d0 in range(0, docs.shape[0], doc_chunk):
             s = q @ docs[d0:d0 + doc_chunk].T
             kk = min(k, s.shape[1])
-            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            cand_s = np.concatenate([best_s, np.take_along_axis(s, part, 1)], axis=1)
-            cand_i = np.concatenate([best_i, part + d0], axis=1)
-            # Ties broken by the lower document index so results do not depend on chunking.
-            order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
-            best_s = np.take_along_axis(cand_s, order, 1)
-            best_i = np.take_along_axis(cand_i, order, 1)
+            kth = -np.partition(-s, kk - 1, axis=1)[:, kk - 1]
+            rows_s, rows_i = [], []
+            for r in range(s.shape[0]):
+                # Everything tied with the k-th score survives, so ties are broken by the
+                # lower document index below and results do not depend on chunking.
+                keep = np.flatnonzero(s[r] >= kth[r])
+                cs = np.concatenate([best_s[r], s[r, keep]])
+                ci = np.concatenate([best_i[r], keep + d0])
+                order = np.lexsort((ci, -cs))[:k]
+                rows_s.append(cs[order])
+                rows_i.append(ci[order])
+            best_s, best_i = np.stack(rows_s), np.stack(rows_i)
         out_scores[q0:q0 + q.shape[0]] = best_s
         out_index[q0:q0 + q.shape[0]] = best_i
     return out_scores, out_index
