@@ -1,0 +1,385 @@
+"""Model soups (Wortsman et al. 2022): average the parameters of fine-tuned runs into one model.
+
+    python -m embedder.soup --out DIR [--method uniform|greedy|weighted] [--weights 1,2]
+                            [--task TASK_DIR ...] [--metric NAME] CKPT [CKPT ...]
+
+Ingredients are workdirs (newest step, or best with --best-metric), checkpoint step
+directories, parameter exports, soups, or sweep directories (expanded to their runs).
+Arithmetic: each ingredient is cast to float32 and added to a float32 running sum in
+the order given (`uniform`: the sum times float32(1/N); `weighted`: the sum of
+float32(w_i / sum w) * p_i), then cast back to the ingredients' dtype. The result is
+bitwise equal to that plain sequential NumPy computation. There is deliberately no
+division: XLA's float32 division is not correctly rounded on CPU (nor on TPU), while
+addition and multiplication are, so the soup does not depend on the backend.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import pathlib
+import shutil
+import sys
+import tempfile
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METHODS = ("uniform", "greedy", "weighted")
+SWEEP_FILE = "sweep.json"
+ScoreFn = Callable[[object, dict], float]
+
+
+class SoupError(ValueError):
+    """An ingredient list that cannot be souped (the message says which ingredient and why)."""
+
+
+# ---------------------------------------------------------------- ingredients
+
+def expand_ingredients(paths: Sequence) -> list[pathlib.Path]:
+    """Paths with every sweep directory (one holding sweep.json) replaced by its run workdirs."""
+    out = []
+    for path in paths:
+        path = pathlib.Path(path)
+        sweep_file = path / SWEEP_FILE
+        if not sweep_file.is_file():
+            out.append(path)
+            continue
+        runs = json.loads(sweep_file.read_text(encoding="utf-8")).get("runs", [])
+        found = []
+        for run in runs:
+            workdir = path / run["name"]
+            if workdir.is_dir() and any((workdir / n).exists() for n in ("checkpoints", "params")):
+                found.append(workdir)
+            else:
+                log.warning("sweep %s: run %s has no saved model yet; left out of the soup", path, run["name"])
+        if not found:
+            raise SoupError(f"sweep directory {path} has no run with a saved model "
+                            f"({len(runs)} runs listed in {sweep_file})")
+        out.extend(found)
+    return out
+
+
+def locate_ingredients(paths: Sequence, *, best_metric: str | None = None, best_mode: str = "max"):
+    """`ModelLocation`s of the ingredients, checked to share one parameter tree, shapes and dtypes."""
+    from embedder import checkpoint
+
+    paths = expand_ingredients(paths)
+    if not paths:
+        raise SoupError("no ingredients given: pass at least one checkpoint, workdir, export or sweep dir")
+    locations, metas = [], []
+    for path in paths:
+        if not pathlib.Path(path).exists():
+            raise FileNotFoundError(f"ingredient {path} does not exist")
+        loc = checkpoint.locate_model(path, best_metric=best_metric, best_mode=best_mode)
+        locations.append(loc)
+        metas.append(checkpoint.param_metadata(loc))
+    check_compatible(metas, [str(p) for p in paths])
+    return locations
+
+
+def check_compatible(metas: Sequence[dict], names: Sequence[str]) -> None:
+    """Raises `SoupError` at the first path/shape/dtype where an ingredient differs from the first."""
+    ref, ref_name = metas[0], names[0]
+    for meta, name in zip(metas[1:], names[1:]):
+        if list(meta) != list(ref):
+            missing = [k for k in ref if k not in meta]
+            extra = [k for k in meta if k not in ref]
+            first = sorted(missing + extra)[0] if missing or extra else next(
+                a for a, b in zip(ref, meta) if a != b)
+            where = "missing from" if first in missing else "only in"
+            raise SoupError(f"parameter trees differ: {first!r} is {where} {name} (compared with {ref_name}); "
+                            "only runs of one architecture can be souped")
+        for key, (shape, dtype) in ref.items():
+            other_shape, other_dtype = meta[key]
+            if other_shape != shape:
+                raise SoupError(f"shape mismatch at {key!r}: {shape} in {ref_name}, {other_shape} in {name}")
+            if other_dtype != dtype:
+                raise SoupError(f"dtype mismatch at {key!r}: {dtype} in {ref_name}, {other_dtype} in {name}")
+
+
+def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0 / count] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise SoupError(f"{len(weights)} weights given for {count} ingredients; give one weight per ingredient "
+                        "(after sweep directories are expanded to their runs)")
+    bad = [w for w in weights if not np.isfinite(w) or w < 0]
+    if bad:
+        raise SoupError(f"weights must be finite and >= 0, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise SoupError(f"weights sum to {total}; at least one must be positive")
+    return [w / total for w in weights]
+
+
+# ---------------------------------------------------------------- arithmetic
+
+def auto_shardings(location):
+    """Shards each parameter's largest divisible axis over all devices (replicated otherwise).
+
+    Returns None on a single device, where host numpy arrays are the cheapest place.
+    """
+    import jax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from embedder import checkpoint
+
+    n = jax.device_count()
+    if n == 1:
+        return None
+    mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,))
+
+    def place(meta):
+        shape = tuple(meta.shape)
+        axes = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+        spec = [None] * len(shape)
+        if axes:
+            spec[axes[0]] = "fsdp"
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(place, checkpoint.param_tree_metadata(location))
+
+
+class RunningSum:
+    """float32 sum of weighted parameter trees; holds one tree besides the ingredient being added."""
+
+    def __init__(self):
+        self.total = None
+        self.dtypes = None
+        self.count = 0
+
+    def add(self, params, weight: float | None = None) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        def term(x):
+            x = jnp.asarray(x, jnp.float32) if not isinstance(x, jax.Array) else x.astype(jnp.float32)
+            return x if weight is None else x * jnp.float32(weight)
+
+        if self.total is None:
+            self.dtypes = jax.tree.map(lambda x: x.dtype, params)
+            self.total = jax.tree.map(term, params)
+        else:
+            self.total = jax.tree.map(lambda s, x: s + term(x), self.total, params)
+        self.count += 1
+
+    def result(self, divide_by: int | None = None):
+        import jax
+        import jax.numpy as jnp
+
+        if divide_by:
+            scale = np.float32(1.0 / divide_by)
+            return jax.tree.map(lambda s, d: (s * scale).astype(d), self.total, self.dtypes)
+        return jax.tree.map(lambda s, d: s.astype(d), self.total, self.dtypes)
+
+    def plus(self, params):
+        """A new RunningSum with `params` added, leaving this one untouched (for greedy trials)."""
+        other = RunningSum()
+        other.total, other.dtypes, other.count = self.total, self.dtypes, self.count
+        other.add(params)
+        return other
+
+
+# ---------------------------------------------------------------- soups
+
+def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[float] | None = None,
+              score_fn: ScoreFn | None = None, best_metric: str | None = None, best_mode: str = "max",
+              shard: bool = True):
+    """Builds a soup -> `(params, spec, report)`; `report` is what soup.json records.
+
+    `score_fn(params, spec) -> float` (higher is better) scores ingredients and the
+    soup; `greedy` needs it, the other methods use it when given.
+    """
+    from embedder import checkpoint
+
+    if method not in METHODS:
+        raise SoupError(f"unknown soup method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "greedy" and score_fn is None:
+        raise SoupError("method 'greedy' needs held-out tasks to score ingredients: pass --task TASK_DIR")
+    if weights is not None and method != "weighted":
+        raise SoupError(f"--weights only applies to --method weighted (got method {method!r})")
+    locations = locate_ingredients(paths, best_metric=best_metric, best_mode=best_mode)
+    # Every ingredient has the same tree (checked above), so one sharding tree serves all.
+    shardings = auto_shardings(locations[0]) if shard else None
+
+    def load(loc):
+        return checkpoint.load_located(loc, shardings)
+
+    specs = []
+    entries = [{**loc.describe(), "weight": None, "score": None} for loc in locations]
+    if method == "greedy":
+        params, spec, soup_score = _greedy(locations, load, score_fn, entries, specs)
+    else:
+        norm = normalise_weights(weights if method == "weighted" else None, len(locations))
+        acc = RunningSum()
+        for loc, entry, w in zip(locations, entries, norm):
+            p, spec = load(loc)
+            specs.append(spec)
+            if score_fn is not None:
+                entry["score"] = float(score_fn(p, spec))
+            acc.add(p, None if method == "uniform" else w)
+            entry["weight"] = w
+            del p
+        params = acc.result(divide_by=len(locations) if method == "uniform" else None)
+        spec = specs[0]
+        soup_score = float(score_fn(params, spec)) if score_fn is not None else None
+    _check_specs(specs, entries)
+    report = {"method": method, "ingredients": entries, "soup_score": soup_score,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return params, spec, report
+
+
+def _check_specs(specs, entries) -> None:
+    for spec, entry in zip(specs[1:], entries[1:]):
+        if spec.get("model") != specs[0].get("model"):
+            diff = sorted(k for k in set(spec["model"]) | set(specs[0]["model"])
+                          if spec["model"].get(k) != specs[0]["model"].get(k))
+            raise SoupError(f"model configs differ between {entries[0]['path']} and {entry['path']} "
+                            f"in {diff}; only runs of one architecture can be souped")
+
+
+def _greedy(locations, load, score_fn, entries, specs):
+    # Score each ingredient alone, then add them best-first, keeping each only if the soup does not get worse.
+    for loc, entry in zip(locations, entries):
+        p, spec = load(loc)
+        specs.append(spec)
+        entry["score"] = float(score_fn(p, spec))
+        del p
+    order = sorted(range(len(locations)), key=lambda i: -entries[i]["score"])
+    spec = specs[order[0]]
+    acc = RunningSum()
+    acc.add(load(locations[order[0]])[0])
+    soup_score = entries[order[0]]["score"]
+    kept = [order[0]]
+    for i in order[1:]:
+        trial = acc.plus(load(locations[i])[0])
+        trial_score = float(score_fn(trial.result(divide_by=trial.count), spec))
+        entries[i]["trial_score"] = trial_score
+        if trial_score >= soup_score:
+            acc, soup_score = trial, trial_score
+            kept.append(i)
+        del trial
+    for i, entry in enumerate(entries):
+        entry["weight"] = 1.0 / len(kept) if i in kept else 0.0
+    # Ingredients are summed best-first: record that order so the soup can be recomputed.
+    entries[:] = [entries[i] for i in order]
+    return acc.result(divide_by=acc.count), spec, soup_score
+
+
+def write_soup(out_dir, params, spec, report, *, overwrite: bool = False) -> pathlib.Path:
+    """Writes the soup as a parameter export plus soup.json (loadable by Embedder.load)."""
+    from embedder import checkpoint
+
+    return checkpoint.save_params(out_dir, params, spec, overwrite=overwrite,
+                                  extra_files={checkpoint.SOUP_FILE: report})
+
+
+# ---------------------------------------------------------------- scoring
+
+def embedder_from_params(params, spec, workdir: pathlib.Path):
+    """An `Embedder` for in-memory params (via a temporary export when no direct constructor exists)."""
+    from embedder import inference
+
+    for name in ("from_params", "from_spec"):
+        ctor = getattr(inference.Embedder, name, None)
+        if ctor is not None:
+            return ctor(params, spec)
+    from embedder.checkpoint import save_params
+
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=workdir))
+    save_params(tmp, params, spec)
+    return inference.Embedder.load(tmp)
+
+
+def task_scorer(task_dirs: Sequence, *, metric: str | None = None, dim: int | None = None,
+                max_queries: int | None = None, batch_size: int = 64) -> ScoreFn:
+    """Score = mean over tasks of `metric` (default: each task type's main metric) at `dim` (default: full)."""
+    from embedder.evaluate.report import MAIN_METRIC
+    from embedder.evaluate.runner import evaluate_tasks
+    from embedder.evaluate.tasks import load_task
+
+    tasks = [load_task(t) for t in task_dirs]
+
+    def score(params, spec) -> float:
+        scratch = pathlib.Path(tempfile.mkdtemp(prefix="soup-score-"))
+        try:
+            model = embedder_from_params(params, spec, scratch)
+            results = evaluate_tasks(model, tasks, [dim] if dim else None, batch_size=batch_size,
+                                     max_queries=max_queries)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        values = []
+        for name, result in results.items():
+            key = metric or MAIN_METRIC[result["type"]]
+            dims = result["dims"]
+            at = dims[str(dim)] if dim else dims[max(dims, key=int)]
+            if key not in at:
+                raise SoupError(f"task {name} has no metric {key!r}; it reports {sorted(at)}")
+            values.append(float(at[key]))
+        return float(np.mean(values))
+
+    return score
+
+
+# ---------------------------------------------------------------- CLI
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"python -m embedder.soup: error: {message}\n")
+
+
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="python -m embedder.soup", description=__doc__.split("\n")[0])
+    p.add_argument("ckpts", nargs="+", metavar="CKPT",
+                   help="workdir, checkpoint step dir, param export, soup or sweep dir")
+    p.add_argument("--out", required=True, help="output directory (a param export + soup.json)")
+    p.add_argument("--method", choices=METHODS, default="uniform")
+    p.add_argument("--weights", type=_floats, help="weighted: one weight per ingredient, e.g. 1,2,1")
+    p.add_argument("--task", action="append", default=[], help="held-out task directory (repeatable)")
+    p.add_argument("--metric", help="metric to score by (default: each task type's main metric)")
+    p.add_argument("--dim", type=int, help="MRL dim to score at (default: full)")
+    p.add_argument("--max-queries", type=int, help="score on a seeded subsample of each task")
+    p.add_argument("--best-metric", help="take each workdir's best step by this checkpoint metric")
+    p.add_argument("--best-mode", choices=("max", "min"), default="max")
+    p.add_argument("--no-shard", action="store_true", help="keep parameters on the host (small models)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        score_fn = task_scorer(args.task, metric=args.metric, dim=args.dim,
+                               max_queries=args.max_queries) if args.task else None
+        params, spec, report = make_soup(args.ckpts, method=args.method, weights=args.weights,
+                                         score_fn=score_fn, best_metric=args.best_metric,
+                                         best_mode=args.best_mode, shard=not args.no_shard)
+        report.update(tasks=[str(t) for t in args.task], metric=args.metric, dim=args.dim)
+        out = write_soup(args.out, params, spec, report, overwrite=args.overwrite)
+    except (SoupError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"python -m embedder.soup: error: {e}", file=sys.stderr)
+        return 2
+    for entry in report["ingredients"]:
+        print(f"  {entry['path']}" + (f" step {entry['step']}" if "step" in entry else "")
+              + f"  weight {entry['weight']:.4f}" + ("" if entry["score"] is None else f"  score {entry['score']:.4f}"))
+    if report["soup_score"] is not None:
+        print(f"soup score {report['soup_score']:.4f}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

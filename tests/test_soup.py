@@ -1,0 +1,169 @@
+"""Tests for embedder.soup: exact uniform/weighted averages, greedy guarantee, error messages, CLI."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embedder import checkpoint, soup
+
+SPEC = {"model": {"family": "bert", "hidden": 8}, "tokenizer": {"kind": "wordpiece", "file": "tokenizer.json"},
+        "prompts": None}
+
+
+def params_of(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {"layer": {"kernel": (scale * rng.standard_normal((8, 6))).astype(np.float32),
+                      "bias": (scale * rng.standard_normal((6,))).astype(np.float32)},
+            "embed": rng.standard_normal((16, 8)).astype(jnp.bfloat16)}
+
+
+def export(tmp_path, name, params, spec=SPEC):
+    return checkpoint.save_params(tmp_path / name, params, spec)
+
+
+def reference(ingredients, weights=None):
+    """Plain NumPy: float32 sequential sum in ingredient order; uniform scales by float32(1/N) at the end."""
+    out = {}
+    keys = checkpoint.flat_paths(ingredients[0])
+    for key in keys:
+        acc = None
+        for i, p in enumerate(ingredients):
+            x = np.asarray(checkpoint.flat_paths(p)[key]).astype(np.float32)
+            if weights is not None:
+                x = np.float32(weights[i]) * x
+            acc = x if acc is None else acc + x
+        if weights is None:
+            acc = acc * np.float32(1.0 / len(ingredients))
+        out[key] = acc.astype(np.asarray(keys[key]).dtype)
+    return out
+
+
+def assert_bitwise(tree, ref):
+    flat = checkpoint.flat_paths(tree)
+    assert sorted(flat) == sorted(ref)
+    for k, v in flat.items():
+        v = np.asarray(v)
+        assert v.dtype == ref[k].dtype, k
+        np.testing.assert_array_equal(v.view(np.uint16) if v.dtype == jnp.bfloat16 else v,
+                                      ref[k].view(np.uint16) if v.dtype == jnp.bfloat16 else ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_uniform_soup_is_exact_mean(tmp_path, shard):
+    ingredients = [params_of(s) for s in range(3)]
+    paths = [export(tmp_path, f"m{i}", p) for i, p in enumerate(ingredients)]
+    params, spec, report = soup.make_soup(paths, method="uniform", shard=shard)
+    assert_bitwise(params, reference(ingredients))
+    if shard:
+        assert len(params["layer"]["kernel"].sharding.device_set) == 8
+    assert spec["model"] == SPEC["model"]
+    assert [e["weight"] for e in report["ingredients"]] == [pytest.approx(1 / 3)] * 3
+    # A soup of two identical ingredients is that ingredient, bit for bit ((x + x) * 0.5 is exact).
+    same, _, _ = soup.make_soup([paths[0]] * 2, shard=shard)
+    assert_bitwise(same, {k: np.asarray(v) for k, v in checkpoint.flat_paths(ingredients[0]).items()})
+
+
+def test_weighted_soup_and_workdir_ingredient(tmp_path):
+    from tests.test_checkpoint import write_workdir
+
+    states = write_workdir(tmp_path / "run", steps=(4,), async_save=False)
+    run_params = jax.tree.map(np.asarray, states[4].params)
+    # The workdir's params (tests.test_checkpoint.make_params) have another layout: export a matching tree.
+    other = jax.tree.map(lambda x: (np.asarray(x, np.float32) * 0.5 + 1).astype(x.dtype), run_params)
+    ex = checkpoint.save_params(tmp_path / "other", other, json.loads((tmp_path / "run" / "config.json")
+                                                                      .read_text())["model_spec"])
+    params, _, report = soup.make_soup([tmp_path / "run", ex], method="weighted", weights=[1, 3], shard=False)
+    assert_bitwise(params, reference([run_params, other], [0.25, 0.75]))
+    assert report["ingredients"][0]["step"] == 4 and report["ingredients"][0]["kind"] == "step"
+    assert [e["weight"] for e in report["ingredients"]] == [0.25, 0.75]
+
+
+def distance_score(target):
+    def score(params, spec):
+        flat = checkpoint.flat_paths(params)
+        return -float(sum(np.sum((np.asarray(flat[k], np.float64) - np.asarray(target[k], np.float64)) ** 2)
+                          for k in target))
+    return score
+
+
+def test_greedy_keeps_helpful_ingredients_only(tmp_path):
+    target = params_of(0)
+    delta = params_of(1, scale=0.1)
+    plus = jax.tree.map(lambda t, d: (t.astype(np.float32) + d.astype(np.float32)).astype(t.dtype), target, delta)
+    minus = jax.tree.map(lambda t, d: (t.astype(np.float32) - d.astype(np.float32)).astype(t.dtype), target, delta)
+    far = params_of(7, scale=3.0)
+    paths = [export(tmp_path, n, p) for n, p in (("far", far), ("plus", plus), ("minus", minus))]
+    target_flat = {k: np.asarray(v) for k, v in checkpoint.flat_paths(target).items()}
+    score = distance_score(target_flat)
+    params, _, report = soup.make_soup(paths, method="greedy", score_fn=score, shard=False)
+    by_name = {e["path"].rsplit("/", 1)[-1]: e for e in report["ingredients"]}
+    assert by_name["far"]["weight"] == 0.0
+    assert by_name["plus"]["weight"] == by_name["minus"]["weight"] == 0.5
+    assert report["soup_score"] == score(params, SPEC)
+    assert report["soup_score"] > max(e["score"] for e in report["ingredients"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_never_below_best_ingredient(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    target = {k: np.asarray(v) for k, v in checkpoint.flat_paths(params_of(100 + seed)).items()}
+    paths = [export(tmp_path, f"m{i}", params_of(seed * 10 + i, scale=float(rng.uniform(0.2, 2))))
+             for i in range(4)]
+    score = distance_score(target)
+    params, _, report = soup.make_soup(paths, method="greedy", score_fn=score)
+    best = max(e["score"] for e in report["ingredients"])
+    assert report["soup_score"] >= best
+    assert score(params, SPEC) == pytest.approx(report["soup_score"], rel=1e-6)
+    assert sum(e["weight"] for e in report["ingredients"]) == pytest.approx(1.0)
+
+
+def test_errors(tmp_path):
+    a = export(tmp_path, "a", params_of(0))
+    renamed = params_of(1)
+    renamed["layer"]["weight"] = renamed["layer"].pop("kernel")
+    b = export(tmp_path, "b", renamed)
+    with pytest.raises(soup.SoupError, match=r"'layer/kernel' is missing from .*b"):
+        soup.make_soup([a, b])
+    wide = params_of(2)
+    wide["layer"]["bias"] = np.zeros((7,), np.float32)
+    c = export(tmp_path, "c", wide)
+    with pytest.raises(soup.SoupError, match=r"shape mismatch at 'layer/bias': \(6,\) in .*a, \(7,\) in .*c"):
+        soup.make_soup([a, c])
+    half = params_of(3)
+    half["layer"]["bias"] = half["layer"]["bias"].astype(np.float16)
+    d = export(tmp_path, "d", half)
+    with pytest.raises(soup.SoupError, match="dtype mismatch at 'layer/bias': float32 .* float16"):
+        soup.make_soup([a, d])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        soup.make_soup([a, tmp_path / "missing"])
+    with pytest.raises(soup.SoupError, match="greedy.*--task"):
+        soup.make_soup([a, a], method="greedy")
+    with pytest.raises(soup.SoupError, match="3 weights given for 2 ingredients"):
+        soup.make_soup([a, a], method="weighted", weights=[1, 2, 3])
+    with pytest.raises(soup.SoupError, match=">= 0"):
+        soup.make_soup([a, a], method="weighted", weights=[1, -2])
+    with pytest.raises(soup.SoupError, match="only applies to --method weighted"):
+        soup.make_soup([a, a], weights=[1, 2])
+    other_spec = {**SPEC, "model": {"family": "bert", "hidden": 16}}
+    e = export(tmp_path, "e", params_of(4), spec=other_spec)
+    with pytest.raises(soup.SoupError, match=r"model configs differ .* \['hidden'\]"):
+        soup.make_soup([a, e])
+
+
+def test_cli_writes_loadable_soup(tmp_path, capsys):
+    ingredients = [params_of(s) for s in range(2)]
+    paths = [str(export(tmp_path, f"m{i}", p)) for i, p in enumerate(ingredients)]
+    out = tmp_path / "soup"
+    assert soup.main(["--out", str(out), "--method", "weighted", "--weights", "1,1", *paths]) == 0
+    report = json.loads((out / "soup.json").read_text())
+    assert report["method"] == "weighted" and len(report["ingredients"]) == 2
+    loaded, spec = checkpoint.resolve_model_path(out)
+    assert_bitwise(loaded, reference(ingredients, [0.5, 0.5]))
+    assert checkpoint.locate_model(out).kind == "export"
+    assert soup.main(["--out", str(out), *paths]) == 2
+    assert "already holds a parameter export" in capsys.readouterr().err
+    assert soup.main(["--out", str(tmp_path / "g"), "--method", "greedy", *paths]) == 2
+    with pytest.raises(SystemExit):
+        soup.main(["--out", str(out), "--weights", "1,x", *paths])
