@@ -1,0 +1,384 @@
+"""Ahead-of-time compile of the real train step for the local devices or a TPU topology (no TPU needed).
+
+`python -m embedder.train --config C --compile_only [--topology v5e:4x4 --num_slices 2]`
+builds the config's mesh on the topology's devices, lowers the jitted train step
+on abstract sharded inputs (no parameter is ever allocated), compiles it, and
+prints per-chip memory against the chip's HBM and the model FLOPs per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from embedder import sharding
+
+log = logging.getLogger("embedder.train.compile_only")
+
+GiB = 2**30
+
+# Usable HBM per device as the TPU compiler reports it in RESOURCE_EXHAUSTED errors
+# (v4 with one device per chip, "megacore").
+HBM_BYTES = {
+    "v4": 30.75 * GiB,
+    "v5e": 15.75 * GiB,
+    "v5p": 95.74 * GiB,
+    "v6e": 31.25 * GiB,
+}
+_TOPOLOGY_DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
+# Peak dense bf16 FLOP/s per chip, for the "ideal step time" line (public spec sheets).
+PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+class CompileOnlyError(ValueError):
+    """A request `--compile_only` cannot serve (bad topology name, missing libtpu, bad mesh)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str             # e.g. "v5e:4x4"
+    generation: str       # v4 | v5e | v5p | v6e
+    dims: tuple[int, ...]
+    num_slices: int
+
+    @property
+    def chips_per_slice(self) -> int:
+        return math.prod(self.dims)
+
+    @property
+    def hbm_bytes(self) -> float:
+        return HBM_BYTES[self.generation]
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+    """`v5e:4x4`, `v5p:2x2x4`, `v6e:8x8`, `v4:2x2x2` (the names `get_topology_desc` takes)."""
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)", name.strip())
+    if not m:
+        raise CompileOnlyError(
+            f"--topology {name!r} is not GENERATION:AxB[xC] with GENERATION in {sorted(HBM_BYTES)}; "
+            "e.g. --topology v5e:4x4 (not the accelerator-type name v5litepod-16)")
+    gen = m.group(1)
+    dims = tuple(int(d) for d in m.group(2).split("x"))
+    if len(dims) != _TOPOLOGY_DIMS[gen] or min(dims) < 1:
+        example = "4x4" if _TOPOLOGY_DIMS[gen] == 2 else "2x2x4"
+        raise CompileOnlyError(f"--topology {name!r}: {gen} has {_TOPOLOGY_DIMS[gen]} positive dimensions, "
+                               f"e.g. {gen}:{example}")
+    if num_slices < 1:
+        raise CompileOnlyError(f"--num_slices must be >= 1, got {num_slices}")
+    return Topology(name.strip(), gen, dims, num_slices)
+
+
+def topology_devices(topo: Topology) -> list:
+    """The TPU devices of `topo` for AOT compilation (needs libtpu: `pip install -e .[tpu]`)."""
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover - part of jax
+        raise CompileOnlyError(f"jax.experimental.topologies is unavailable: {e}") from e
+    # Hosts hold 2x2 chips on multi-host slices; smaller slices sit on one host.
+    bounds = tuple(min(d, 2) for d in topo.dims[:2]) + (1,)
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topo.name, chip_config_name="megacore" if topo.generation == "v4" else "default",
+            chips_per_host_bounds=bounds, num_slices=topo.num_slices, wrap=(False, False, False))
+    except Exception as e:
+        hint = ("install the TPU compiler with `pip install -e '.[tpu]'` (libtpu 0.0.42.* for jax 0.10.2)"
+                if "tpu" in str(e).lower() and ("not found" in str(e).lower() or "unknown backend" in str(e).lower()
+                                                or "libtpu" in str(e).lower()) else "check the topology name")
+        raise CompileOnlyError(f"cannot get TPU topology {topo.name!r} x{topo.num_slices}: {e}; {hint}") from e
+    return list(desc.devices)
+
+
+def build_mesh(mesh_cfg, devices: Sequence[Any], num_slices: int = 1):
+    """The config's mesh on `devices`; with several slices the `data` axis spans them (DCN)."""
+    if num_slices <= 1:
+        return sharding.make_mesh(mesh_cfg, devices=devices)
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    axes = tuple(mesh_cfg.axes)
+    shape = sharding.resolve_mesh_shape(axes, tuple(mesh_cfg.shape), len(devices))
+    if "data" not in axes or shape[axes.index("data")] % num_slices:
+        raise CompileOnlyError(
+            f"mesh {dict(zip(axes, shape))} cannot span {num_slices} slices: the 'data' axis must be a "
+            f"multiple of the slice count; set --config.mesh.shape so that data is a multiple of {num_slices}")
+    d = axes.index("data")
+    ici = list(shape)
+    ici[d] //= num_slices
+    dcn = [1] * len(shape)
+    dcn[d] = num_slices
+    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=list(devices))
+    return Mesh(arr, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+# -- FLOPs -------------------------------------------------------------------------------
+
+
+def embedding_param_count(model_cfg) -> int:
+    """Parameters of the lookup tables (token, and for BERT position and type embeddings)."""
+    n = model_cfg.vocab_size * model_cfg.hidden_size
+    if model_cfg.family == "bert":
+        n += (model_cfg.max_position_embeddings + model_cfg.type_vocab_size) * model_cfg.hidden_size
+    return n
+
+
+def sequences_per_step(batch_shapes: dict) -> list[tuple[int, int]]:
+    """(number of sequences, padded length) for each tower input of one global batch."""
+    out = []
+    for name, s in batch_shapes.items():
+        if name.endswith("_ids") and len(s.shape) >= 2:
+            rows = math.prod(s.shape[:-1])
+            out.append((rows, s.shape[-1]))
+    return out
+
+
+def _attended_pairs(length: int, window: int | None) -> int:
+    """Query-key pairs (i, j) in a sequence of `length` with |i - j| < window (all pairs without one)."""
+    if window is None or window >= length:
+        return length * length
+    # The diagonal, plus each offset d = 1..window-1 on both sides (length - d pairs each).
+    return length + 2 * sum(length - d for d in range(1, window))
+
+
+def model_flops_per_step(model_cfg, non_embedding_params: int, seqs: Sequence[tuple[int, int]]) -> dict:
+    """Model FLOPs of one optimizer step (forward + backward, no recompute counted).
+
+    dense     = 6 * non-embedding params * tokens
+    attention = 12 * sum over sequences and layers of (attended query-key pairs * num_heads * head_dim)
+                (QK^T and AV, 2 FLOPs per MAC, x3 for forward + backward; a global layer
+                attends L^2 pairs, a local one the pairs with |i - j| < window)
+    """
+    tokens = sum(n * length for n, length in seqs)
+    dense = 6 * non_embedding_params * tokens
+    width = model_cfg.num_heads * model_cfg.head_dim
+    layer_types = model_cfg.layer_types or ("global",) * model_cfg.num_layers
+    attn = 0
+    for n, length in seqs:
+        for t in layer_types:
+            attn += 12 * n * _attended_pairs(length, model_cfg.sliding_window if t == "local" else None) * width
+    return {"tokens": tokens, "dense": dense, "attention": attn, "total": dense + attn}
+
+
+# -- abstract inputs ----------------------------------------------------------------------
+
+
+def _shape_dtype_tree(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_train_state(model, optimizer, mesh, rules, batch_shapes: dict):
+    """(abstract TrainState, its shardings) by `eval_shape` only: nothing is allocated.
+
+    Parameters follow their logical axis names; optimizer slots that mirror a
+    parameter (Adam moments) take that parameter's sharding, the rest (counts) are
+    replicated - the placement `create_train_state` gives the real state.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from embedder.train.step import TrainState
+
+    length = batch_shapes["query_ids"].shape[-1] if "query_ids" in batch_shapes else 8
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    boxed = jax.eval_shape(lambda i, m: model.init(jax.random.key(0), i, m), ids, ids)["params"]
+    param_sh = sharding.param_shardings(boxed, mesh, rules)
+    params = nn.meta.unbox(boxed)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    replicated = sharding.replicated(mesh)
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        by_path[jax.tree_util.keystr(path)] = leaf.shape
+    param_sh_by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
+
+    def slot_sharding(path, leaf):
+        # An optimizer slot of a parameter ends with that parameter's path (optax nests the params tree).
+        for i in range(len(path)):
+            key = jax.tree_util.keystr(path[i:])
+            if by_path.get(key) == leaf.shape:
+                return param_sh_by_path[key]
+        return replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(slot_sharding, opt_state)
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    return state, shardings
+
+
+@dataclasses.dataclass
+class CompileReport:
+    platform: str
+    topology: str
+    num_devices: int
+    mesh: dict
+    params_total: int
+    params_non_embedding: int
+    flops: dict
+    compile_seconds: float
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    hbm_bytes: float | None = None
+    error: str = ""
+    required_bytes: float | None = None
+
+    @property
+    def per_device_bytes(self) -> int:
+        """Live bytes at peak: arguments + outputs not aliased to (donated) arguments + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        if self.error:
+            return False
+        return self.hbm_bytes is None or self.per_device_bytes <= self.hbm_bytes
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["per_device_bytes"] = self.per_device_bytes
+        d["fits"] = self.fits
+        return d
+
+
+def _parse_oom(message: str) -> tuple[float | None, float | None]:
+    """(required, available) bytes from a TPU RESOURCE_EXHAUSTED message, when it names them."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def num(s):
+        m = re.fullmatch(r"([\d.]+)\s*([KMGT])i?B?", s.strip())
+        return float(m.group(1)) * units[m.group(2)] if m else None
+
+    m = re.search(r"\(([\d.]+\s*[KMGT]i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]i?B?)\)", message)
+    if not m:
+        m = re.search(r"Used ([\d.]+\s*[KMGT]i?B?) of ([\d.]+\s*[KMGT]i?B?) hbm", message)
+    if not m:
+        return None, None
+    return num(m.group(1)), num(m.group(2))
+
+
+def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slices: int = 1,
+                       topology_name: str = "", hbm_bytes: float | None = None) -> CompileReport:
+    """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
+    from embedder.data.pipeline import batch_shapes_from_config
+    from embedder.model import EmbeddingModel
+    from embedder.model.config import ModelConfig
+    from embedder.train.optim import make_optimizer
+    from embedder.train.step import jit_train_step, make_train_step
+
+    devices = list(devices) if devices is not None else jax.devices()
+    mesh = build_mesh(config.mesh, devices, num_slices)
+    rules = sharding.logical_rules(config)
+    model_cfg = ModelConfig.from_dict(config.model.to_dict())
+    model = EmbeddingModel(model_cfg)
+    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    host_shapes = batch_shapes_from_config(config.data, config.batch_size)
+    with jax.set_mesh(mesh):
+        abstract_state, state_shardings = abstract_train_state(model, optimizer, mesh, rules, host_shapes)
+    params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    non_embedding = params_total - embedding_param_count(model_cfg)
+    flops = model_flops_per_step(model_cfg, non_embedding, sequences_per_step(host_shapes))
+
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape)))
+             for k, v in host_shapes.items()}
+    for k, v in batch.items():
+        if v.shape[0] % sharding.data_parallel_size(mesh):
+            raise CompileOnlyError(
+                f"batch entry {k} has {v.shape[0]} rows, not divisible by the data-parallel size "
+                f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}; change batch_size or mesh.shape")
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+    state = _shape_dtype_tree(abstract_state, state_shardings)
+
+    step_fn = make_train_step(model, config.loss, optimizer, grad_cache_chunks=config.grad_cache_chunks)
+    jitted = jit_train_step(step_fn, state_shardings, mesh)
+    report = CompileReport(
+        platform=devices[0].platform, topology=topology_name or f"local {devices[0].platform}",
+        num_devices=len(devices), mesh=dict(mesh.shape), params_total=params_total,
+        params_non_embedding=non_embedding, flops=flops, compile_seconds=0.0, hbm_bytes=hbm_bytes)
+    t0 = time.time()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(state, batch, key).compile()
+    except Exception as e:  # XLA reports out-of-memory as a runtime error at compile time
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        report.compile_seconds = time.time() - t0
+        report.error = str(e).strip().splitlines()[0][:500]
+        report.required_bytes, available = _parse_oom(str(e))
+        if available:
+            report.hbm_bytes = available
+        return report
+    report.compile_seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        report.argument_bytes = int(mem.argument_size_in_bytes)
+        report.output_bytes = int(mem.output_size_in_bytes)
+        report.alias_bytes = int(mem.alias_size_in_bytes)
+        report.temp_bytes = int(mem.temp_size_in_bytes)
+        report.code_bytes = int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)
+    return report
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def format_report(r: CompileReport, peak_flops: float | None = None) -> str:
+    lines = [
+        f"compile_only: {r.topology}, {r.num_devices} devices, mesh {r.mesh}",
+        f"  parameters: {r.params_total:,} total, {r.params_non_embedding:,} non-embedding",
+        f"  model FLOPs per step: {r.flops['total']:.4g} = 6 * {r.params_non_embedding:,} non-embedding params"
+        f" * {r.flops['tokens']:,} tokens ({r.flops['dense']:.4g}) + attention {r.flops['attention']:.4g}"
+        " (12 * attended query-key pairs * heads * head_dim, summed over layers)",
+    ]
+    if peak_flops:
+        ideal = r.flops["total"] / (peak_flops * r.num_devices)
+        lines.append(f"  ideal step time at 100% of peak bf16 ({peak_flops / 1e12:.0f} TFLOP/s per chip): {ideal:.3f} s")
+    if r.error:
+        lines.append(f"  DOES NOT FIT: {r.error}")
+        lines.append(f"  required {_gib(r.required_bytes)} per device, available {_gib(r.hbm_bytes)}; "
+                     "enable model.remat, raise grad_cache_chunks, shard more (mesh fsdp/tensor) or use a "
+                     "bigger topology")
+        return "\n".join(lines)
+    lines += [
+        f"  per device: arguments {_gib(r.argument_bytes)}, outputs {_gib(r.output_bytes)} "
+        f"(aliased to donated arguments {_gib(r.alias_bytes)}), temporaries {_gib(r.temp_bytes)}, "
+        f"code {_gib(r.code_bytes)}",
+        f"  per device total {_gib(r.per_device_bytes)} of HBM {_gib(r.hbm_bytes)}"
+        + ("" if r.hbm_bytes is None else f" ({100 * r.per_device_bytes / r.hbm_bytes:.1f}%)"),
+        f"  compile time {r.compile_seconds:.1f} s",
+    ]
+    if not r.fits:
+        lines.append(f"  DOES NOT FIT: needs {_gib(r.per_device_bytes)} per device but the chip has "
+                     f"{_gib(r.hbm_bytes)}")
+    return "\n".join(lines)
+
+
+def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
+    """The `--compile_only` command: compile, print the report, return the exit code (0 = fits)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if topology:
+            topo = parse_topology(topology, num_slices)
+            devices = topology_devices(topo)
+            report = compile_train_step(config, devices, num_slices=num_slices,
+                                        topology_name=f"{topo.name} x{num_slices} slice(s)",
+                                        hbm_bytes=topo.hbm_bytes)
+            peak = PEAK_BF16_FLOPS[topo.generation]
+        else:
+            if num_slices != 1:
+                raise CompileOnlyError("--num_slices needs --topology")
+            report = compile_train_step(config)
+            peak = None
+    except (CompileOnlyError, sharding.ShardingError) as e:
+        print(f"compile_only: {e}")
+        return 2
+    print(format_report(report, peak))
+    return 0 if report.fits else 1

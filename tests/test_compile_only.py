@@ -1,0 +1,139 @@
+"""`--compile_only`: topology parsing, FLOPs formula, OOM parsing, abstract state, and real AOT compiles."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from embedder.train import compile_only as co
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+@pytest.mark.parametrize("name,gen,dims", [("v5e:4x4", "v5e", (4, 4)), ("v5p:2x2x4", "v5p", (2, 2, 4)),
+                                           ("v6e:8x8", "v6e", (8, 8)), ("v4:2x2x2", "v4", (2, 2, 2))])
+def test_parse_topology(name, gen, dims):
+    t = co.parse_topology(name, 2)
+    assert (t.generation, t.dims, t.num_slices, t.chips_per_slice) == (gen, dims, 2, math.prod(dims))
+
+
+@pytest.mark.parametrize("name,message", [("v5litepod-16", "not the accelerator-type name"),
+                                          ("v5e:4x4x1", "v5e has 2 positive dimensions"),
+                                          ("v5p:4x4", "v5p has 3 positive dimensions"),
+                                          ("v7:2x2", "GENERATION:AxB")])
+def test_parse_topology_errors(name, message):
+    with pytest.raises(co.CompileOnlyError, match=message):
+        co.parse_topology(name)
+
+
+def test_parse_oom_message():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(20.90G) exceeds available HBM (15.75G).")
+    req, avail = co._parse_oom(msg)
+    assert req == pytest.approx(20.90 * 2**30) and avail == pytest.approx(15.75 * 2**30)
+    req, avail = co._parse_oom("RESOURCE_EXHAUSTED: Used 17.5G of 15.75G hbm. Exceeded hbm capacity by 1.75G.")
+    assert req == pytest.approx(17.5 * 2**30) and avail == pytest.approx(15.75 * 2**30)
+    assert co._parse_oom("RESOURCE_EXHAUSTED: something else") == (None, None)
+
+
+def test_report_fits_uses_live_bytes_with_donation():
+    r = co.CompileReport(platform="tpu", topology="t", num_devices=4, mesh={}, params_total=0,
+                         params_non_embedding=0, flops={}, compile_seconds=0.0, argument_bytes=10 * 2**30,
+                         output_bytes=10 * 2**30, alias_bytes=10 * 2**30, temp_bytes=5 * 2**30,
+                         hbm_bytes=15.75 * 2**30)
+    assert r.per_device_bytes == 15 * 2**30 and r.fits
+    r.temp_bytes = 6 * 2**30
+    assert not r.fits
+    r.hbm_bytes = None           # local CPU: no HBM limit
+    assert r.fits
+
+
+def _attention_flops_by_loops(layer_types, window, seqs, heads, head_dim):
+    """Counts, query by query, the keys each query attends to; QK^T and AV are 2 MACs per (q, k, channel)."""
+    total = 0
+    for n, length in seqs:
+        for t in layer_types:
+            pairs = 0
+            for i in range(length):
+                for j in range(length):
+                    if t == "global" or abs(i - j) < window:
+                        pairs += 1
+            total += n * pairs * heads * head_dim * 2 * 2 * 3    # 2 matmuls, 2 FLOPs per MAC, fwd + bwd
+    return total
+
+
+def test_flops_formula_against_loops():
+    from embedder.model.config import get_model_config
+
+    cfg = get_model_config("tiny")     # one local (window 4) and one global layer
+    seqs = [(6, 12), (6, 10), (12, 9)]
+    out = co.model_flops_per_step(cfg, 1000, seqs)
+    tokens = 6 * 12 + 6 * 10 + 12 * 9
+    assert out["tokens"] == tokens
+    assert out["dense"] == 6 * 1000 * tokens
+    assert out["attention"] == _attention_flops_by_loops(cfg.layer_types, cfg.sliding_window, seqs,
+                                                         cfg.num_heads, cfg.head_dim)
+    assert out["total"] == out["dense"] + out["attention"]
+
+
+def _gemma_param_count(cfg) -> tuple[int, int]:
+    """(total, embedding) parameters of a Gemma-family encoder + head, from the architecture."""
+    h, nh, nkv, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * f + 2 * h   # q, k, v, o, mlp, 2 norms
+    per_layer += h * (cfg.use_post_attn_norm + cfg.use_post_ffw_norm) + 2 * hd * cfg.use_qk_norm
+    head, prev = 0, h
+    for d in cfg.projection_dims:
+        head += prev * d
+        prev = d
+    emb = cfg.vocab_size * h
+    return emb + cfg.num_layers * per_layer + h + head, emb
+
+
+@needs_libtpu
+def test_abstract_state_on_a_topology_allocates_nothing_and_shards_slots_like_params():
+    import optax
+
+    from embedder import sharding
+    from embedder.model import EmbeddingModel
+    from embedder.model.config import get_model_config
+
+    topo = co.parse_topology("v5e:4x4")
+    devices = co.topology_devices(topo)
+    assert len(devices) == 16 and devices[0].platform == "tpu"
+    mesh = co.build_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (2, -1, 2)}),
+                         devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
+    cfg = get_model_config("gemma3-1b", projection_dims=(3072, 768))
+    state, shardings = co.abstract_train_state(EmbeddingModel(cfg), optax.adamw(1e-3), mesh, sharding.DEFAULT_RULES,
+                                               {"query_ids": jax.ShapeDtypeStruct((32, 512), np.int32)})
+    leaves = jax.tree.leaves(state)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    total, emb = _gemma_param_count(cfg)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)) == total
+    assert co.embedding_param_count(cfg) == emb
+    p_sh = jax.tree.leaves(shardings.params)
+    mu = shardings.opt_state[0].mu
+    assert jax.tree.leaves(mu) == p_sh           # Adam moments sharded exactly like their parameters
+    assert shardings.opt_state[0].count.spec == jax.sharding.PartitionSpec()
+
+
+@needs_libtpu
+def test_two_slice_mesh_puts_data_across_slices():
+    topo = co.parse_topology("v5e:2x2", num_slices=2)
+    devices = co.topology_devices(topo)
+    mesh = co.build_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (2, -1, 1)}),
+                         devices, num_slices=2)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    # Each data index lives in one slice; the fsdp axis stays inside a slice (ICI).
+    assert [set(slice_of[i].ravel()) for i in range(2)] == [{0}, {1}]
+    with pytest.raises(co.CompileOnlyError, match="multiple of the slice count"):
+        co.build_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (1, -1, 1)}),
+                      devices, num_slices=2)
