@@ -67,9 +67,13 @@ def format_value(value) -> str:
     return str(value)
 
 
-def _run_name(index: int, overrides: dict) -> str:
-    parts = [f"{key.rsplit('.', 1)[-1]}={format_value(v)}" for key, v in overrides.items()]
-    return _UNSAFE.sub("-", f"{index:02d}-" + "_".join(parts) if parts else f"{index:02d}")[:120]
+def _describe(overrides: dict) -> str:
+    return "_".join(f"{key.rsplit('.', 1)[-1]}={format_value(v)}" for key, v in overrides.items())
+
+
+def _run_name(prefix: str, overrides: dict) -> str:
+    described = _describe(overrides)
+    return _UNSAFE.sub("-", f"{prefix}-{described}" if described else prefix)[:120]
 
 
 def expand_runs(sweep: dict) -> list[dict]:
@@ -84,8 +88,7 @@ def expand_runs(sweep: dict) -> list[dict]:
         for combo in combos:
             overrides = {**(sweep.get("fixed") or {}), **run, **combo}
             index = len(runs)
-            name = _UNSAFE.sub("-", f"{given_name}" + (f"-{index:02d}" if len(combos) > 1 else "")) \
-                if given_name else _run_name(index, {**run, **combo})
+            name = _run_name(given_name, combo) if given_name else _run_name(f"{index:02d}", {**run, **combo})
             if name in names:
                 raise SweepError(f"two runs are named {name!r}; give the runs distinct names")
             names.add(name)
