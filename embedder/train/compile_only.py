@@ -172,6 +172,26 @@ def _shape_dtype_tree(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def global_batch_shapes(config) -> dict:
+    """The global batch (ARCHITECTURE.md "Batches") at the longest padded lengths the data config allows."""
+    import jax.numpy as jnp
+
+    d = config.data
+    b, lq, ld, k = config.batch_size, d.query_max_length, d.document_max_length, d.num_negatives
+    shapes = {
+        "query_ids": ((b, lq), jnp.int32), "query_mask": ((b, lq), jnp.int32),
+        "positive_ids": ((b, ld), jnp.int32), "positive_mask": ((b, ld), jnp.int32),
+        "query_hash": ((b, 2), jnp.uint32), "positive_hash": ((b, 2), jnp.uint32),
+        "dataset": ((b,), jnp.int32),
+    }
+    if k:
+        shapes.update({
+            "negative_ids": ((b, k, ld), jnp.int32), "negative_mask": ((b, k, ld), jnp.int32),
+            "negatives_valid": ((b, k), jnp.bool_), "negative_hash": ((b, k, 2), jnp.uint32),
+        })
+    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+
 def abstract_train_state(model, optimizer, mesh, rules, batch_shapes: dict):
     """(abstract TrainState, its shardings) by `eval_shape` only: nothing is allocated.
 
@@ -266,7 +286,6 @@ def _parse_oom(message: str) -> tuple[float | None, float | None]:
 def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slices: int = 1,
                        topology_name: str = "", hbm_bytes: float | None = None) -> CompileReport:
     """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
-    from embedder.data.pipeline import batch_shapes_from_config
     from embedder.model import EmbeddingModel
     from embedder.model.config import ModelConfig
     from embedder.train.optim import make_optimizer
@@ -278,15 +297,15 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     model = EmbeddingModel(model_cfg)
     optimizer = make_optimizer(config.optimizer, config.total_steps)
-    host_shapes = batch_shapes_from_config(config.data, config.batch_size)
+    global_shapes = global_batch_shapes(config)
     with jax.set_mesh(mesh):
-        abstract_state, state_shardings = abstract_train_state(model, optimizer, mesh, rules, host_shapes)
+        abstract_state, state_shardings = abstract_train_state(model, optimizer, mesh, rules, global_shapes)
     params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     non_embedding = params_total - embedding_param_count(model_cfg)
-    flops = model_flops_per_step(model_cfg, non_embedding, sequences_per_step(host_shapes))
+    flops = model_flops_per_step(model_cfg, non_embedding, sequences_per_step(global_shapes))
 
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape)))
-             for k, v in host_shapes.items()}
+             for k, v in global_shapes.items()}
     for k, v in batch.items():
         if v.shape[0] % sharding.data_parallel_size(mesh):
             raise CompileOnlyError(

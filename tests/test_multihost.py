@@ -1,0 +1,75 @@
+"""Multi-host path on one machine: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "demo.py"
+STEPS = 3
+
+# The demo config made tiny: few steps, no evals, a checkpoint only at the end, the batch
+# sharded over all 8 devices (data parallel), and the gradient cache on so the cross-device
+# negatives and the chunked backward both take the multi-host path.
+OVERRIDES = [
+    f"--config.total_steps={STEPS}",
+    "--config.log_every=1",
+    "--config.batch_size=16",
+    "--config.grad_cache_chunks=2",
+    "--config.eval.tasks=()",
+    "--config.eval.at_start=False",
+    f"--config.checkpoint.every_steps={STEPS}",
+    "--config.checkpoint.async_save=False",
+    "--config.mesh.shape=(-1,1,1)",
+]
+
+
+def _launch(processes: int, devices: int, workdir: pathlib.Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", str(processes),
+           "--devices-per-process", str(devices), "--timeout", "400", "--",
+           "--config", f"{DEMO}:prefinetune", "--workdir", str(workdir), *OVERRIDES]
+    env = dict(os.environ)
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=450, cwd=ROOT)
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason="experiments/demo.py is not there yet")
+def test_two_processes_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _launch(1, 8, one)
+    assert r1.returncode == 0, r1.stdout[-4000:]
+    r2 = _launch(2, 4, two)
+    assert r2.returncode == 0, r2.stdout[-4000:]
+    # Both processes ran and saw 8 devices between them.
+    assert "[p0]" in r2.stdout and "[p1]" in r2.stdout
+
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == list(range(1, STEPS + 1)), l1
+    assert sorted(l2) == sorted(l1)
+    for step in l1:
+        assert abs(l1[step] - l2[step]) <= 1e-5, (step, l1[step], l2[step])
+
+    from embedder.checkpoint import resolve_model_path
+
+    p1, spec1 = resolve_model_path(str(one))
+    p2, spec2 = resolve_model_path(str(two))
+    assert spec1 == spec2
+    flat1 = jax.tree_util.tree_leaves_with_path(p1)
+    flat2 = jax.tree_util.tree_leaves_with_path(p2)
+    assert [k for k, _ in flat1] == [k for k, _ in flat2]
+    for (k, a), (_, b) in zip(flat1, flat2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(k))
