@@ -170,7 +170,6 @@ class RunningSum:
 
     def result(self, divide_by: int | None = None):
         import jax
-        import jax.numpy as jnp
 
         if divide_by:
             scale = np.float32(1.0 / divide_by)
