@@ -1,0 +1,130 @@
+"""`Embedder`: load any saved model and encode texts into L2-normalised embeddings.
+
+    m = Embedder.load(PATH)   # workdir, step dir, param export, soup, or HF / s-t folder
+    E = m.encode(texts, role="query", task="search result", dim=256)
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from embedder.data.prompts import Prompts
+from embedder.data.tokenizer import load_tokenizer, pad_batch
+from embedder.model import EmbeddingModel, ModelConfig
+
+ROLES = ("query", "document")
+
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `max_length`, plus `max_length` itself: few shapes
+    to compile, at most 2x padding."""
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_length,)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+class Embedder:
+    """A model, its tokenizer and prompts; `encode` runs on all local devices."""
+
+    def __init__(self, params, spec: dict, *, tokenizer=None, base_dir=None):
+        if not isinstance(spec, dict) or "model" not in spec:
+            raise ValueError("spec must be a model-spec dict with 'model', 'tokenizer' and 'prompts'")
+        self.spec = spec
+        self.config = ModelConfig.from_dict(spec["model"])
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec["tokenizer"], base_dir)
+        self.prompts = Prompts.from_spec(spec.get("prompts"))
+        self.model = EmbeddingModel(self.config)
+        self.max_length = int(spec["tokenizer"].get("max_length", self.tokenizer.max_length))
+        self.buckets = length_buckets(self.max_length)
+        devices = np.array(jax.local_devices())
+        self.mesh = Mesh(devices, ("data",))
+        self._rows = NamedSharding(self.mesh, P("data"))
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        model = self.model
+        self._apply = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+
+    @classmethod
+    def load(cls, path, **kwargs) -> "Embedder":
+        """Loads a workdir, checkpoint step dir, param export or soup; a Hugging Face /
+        sentence-transformers folder is converted in memory."""
+        from embedder.convert.from_hf import is_hf_folder, read_hf_folder
+
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model path {path} does not exist")
+        if is_hf_folder(path) and not (path / "model.json").is_file():
+            hf = read_hf_folder(path)
+            return cls(hf.params, hf.spec, **kwargs)
+        from embedder.checkpoint import resolve_model_path
+
+        params, spec = resolve_model_path(path)
+        return cls(params, spec, **kwargs)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    def _prefixes(self, n: int, role: str, task, titles) -> list[str]:
+        if role not in ROLES:
+            raise ValueError(f"role={role!r}; use 'query' or 'document'")
+        if role == "query":
+            if titles is not None:
+                raise ValueError("titles apply to role='document' only")
+            return [self.prompts.query_prefix(task)] * n
+        if titles is None:
+            return [self.prompts.document_prefix(None)] * n
+        titles = list(titles)
+        if len(titles) != n:
+            raise ValueError(f"{len(titles)} titles for {n} texts; give one per text (None for none)")
+        return [self.prompts.document_prefix(t) for t in titles]
+
+    def encode(self, texts: Sequence[str], role: str = "query", task: str | None = None,
+               dim: int | None = None, batch_size: int = 64,
+               titles: Sequence[str | None] | None = None) -> np.ndarray:
+        """`(N, dim)` float32 rows, L2-normalised after truncation to the first `dim` coordinates."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings; wrap a single text: encode([text])")
+        texts = list(texts)
+        full = self.embedding_dim
+        dim = full if dim is None else int(dim)
+        if not 0 < dim <= full:
+            raise ValueError(f"dim={dim} must be in 1..{full} (the model's embedding size)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        if not texts:
+            return np.zeros((0, dim), np.float32)
+        prefixes = self._prefixes(len(texts), role, task, titles)
+        seqs = self.tokenizer.encode(texts, max_length=self.max_length, prefixes=prefixes)
+        # Longest first, so each chunk pads to a tight bucket; outputs go back to input order.
+        order = np.argsort([-len(s) for s in seqs], kind="stable")
+        out = np.zeros((len(texts), full), np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self._embed([seqs[i] for i in idx])
+        return l2_normalize(out[:, :dim])
+
+    def _embed(self, seqs: list[list[int]]) -> np.ndarray:
+        ids, mask = pad_batch(seqs, self.tokenizer.pad_id, buckets=self.buckets,
+                              max_length=self.max_length)
+        n = len(seqs)
+        # Empty rows fill the batch up to a multiple of the device count, so it always shards.
+        rows = -(-n // self.mesh.size) * self.mesh.size
+        if rows != n:
+            ids = np.concatenate([ids, np.full((rows - n, ids.shape[1]), self.tokenizer.pad_id, ids.dtype)])
+            mask = np.concatenate([mask, np.zeros((rows - n, mask.shape[1]), mask.dtype)])
+        emb = self._apply(self.params, jax.device_put(jnp.asarray(ids), self._rows),
+                          jax.device_put(jnp.asarray(mask), self._rows))
+        return np.asarray(emb, np.float32)[:n]
