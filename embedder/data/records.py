@@ -107,7 +107,7 @@ def validate_pair(obj: dict, where: str, log: BadRecordLog, max_text_chars: int)
                        f"'{field}' string)")
             return None
         if not isinstance(value, str):
-            log.report(where, "wrong_type", f"'{field}' is {type(value).__name__}, expected a string")
+            log.report(where, "wrong_type", f"'{field}' is {type(value).__name__}, expected a string (quote the text)")
             return None
         if not value.strip():
             log.report(where, f"empty_{field}", f"'{field}' is empty (give it text or drop the record)")
@@ -116,12 +116,13 @@ def validate_pair(obj: dict, where: str, log: BadRecordLog, max_text_chars: int)
     if negatives is None:
         negatives = []
     if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-        log.report(where, "wrong_type", "'negatives' must be a list of strings")
+        log.report(where, "wrong_type", "'negatives' must be a list of strings (write [\"...\", ...] or drop the field)")
         return None
     negatives = [n for n in negatives if n.strip()]
     for field in ("task", "title"):
         if obj.get(field) is not None and not isinstance(obj[field], str):
-            log.report(where, "wrong_type", f"'{field}' is {type(obj[field]).__name__}, expected a string")
+            log.report(where, "wrong_type", f"'{field}' is {type(obj[field]).__name__}, expected a string "
+                       "(give a string or drop the field)")
             return None
     for field, value in [("query", obj["query"]), ("positive", obj["positive"])] + [
             (f"negatives[{i}]", n) for i, n in enumerate(negatives)] + [("title", obj.get("title") or "")]:
@@ -163,10 +164,10 @@ def _read_beir_table(path, key_field, fields, log):
             continue
         key = obj.get(key_field)
         if not isinstance(key, (str, int)) or isinstance(key, bool):
-            log.report(f"{path}:{lineno}", "wrong_type", f"'{key_field}' must be a string id")
+            log.report(f"{path}:{lineno}", "wrong_type", f"'{key_field}' must be a string id (give every line an id)")
             continue
         if not all(isinstance(obj.get(f, ""), str) for f in fields):
-            log.report(f"{path}:{lineno}", "wrong_type", f"fields {list(fields)} must be strings")
+            log.report(f"{path}:{lineno}", "wrong_type", f"fields {list(fields)} must be strings (quote the text)")
             continue
         table[str(key)] = {f: obj.get(f, "") or "" for f in fields}
     return table
@@ -195,19 +196,21 @@ def read_beir_pairs(directory, split: str, log: BadRecordLog, max_text_chars: in
         if i == 0 and cells[:1] == ["query-id"]:
             continue
         if len(cells) < 3:
-            log.report(where, "invalid_qrel", "expected 'query-id<TAB>corpus-id<TAB>score'")
+            log.report(where, "invalid_qrel", "too few columns (write 'query-id<TAB>corpus-id<TAB>score')")
             continue
         qid, did, score = cells[0].strip(), cells[1].strip(), cells[2].strip()
         try:
             score = float(score)
         except ValueError:
-            log.report(where, "invalid_qrel", f"score {score!r} is not a number")
+            log.report(where, "invalid_qrel", f"score {score!r} is not a number (use an integer relevance grade)")
             continue
         if qid not in queries:
-            log.report(where, "unknown_id", f"query id {qid!r} is not in {_find(directory, 'queries').name}")
+            log.report(where, "unknown_id", f"query id {qid!r} is not in {_find(directory, 'queries').name} "
+                       "(add the query or drop the qrel)")
             continue
         if did not in corpus:
-            log.report(where, "unknown_id", f"corpus id {did!r} is not in {_find(directory, 'corpus').name}")
+            log.report(where, "unknown_id", f"corpus id {did!r} is not in {_find(directory, 'corpus').name} "
+                       "(add the document or drop the qrel)")
             continue
         (positives if score > 0 else negatives)[qid].append((where, did))
     for qid, docs in positives.items():
