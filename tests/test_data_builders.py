@@ -43,8 +43,8 @@ def test_validation_at_prepare_time_both_policies(tmp_path):
     ds = prepare_dataset(entry, data_dir=tmp_path / "tfds", on_bad_record="skip")
     assert ds.skip_counts == {"missing_positive": 1, "invalid_json": 1}
     assert sorted(r["query"] for r in _all(ds)) == ["q1", "q4"]
-    # Data prepared under "skip" still refuses to train under "strict".
-    with pytest.raises(BadRecordError, match=rf"^{path}:3: invalid JSON"):
+    # Data prepared under "skip" still refuses to train under "strict", naming the first problem.
+    with pytest.raises(BadRecordError, match=rf"^{path}:2: missing 'positive'"):
         prepare_dataset(entry, data_dir=tmp_path / "tfds", on_bad_record="strict")
     # A dataset left with no valid record stops even under "skip".
     empty = tmp_path / "empty.jsonl"

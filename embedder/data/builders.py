@@ -70,7 +70,7 @@ class _PairsBuilder(tfds.core.GeneratorBasedBuilder):
     def _download_and_prepare(self, dl_manager, download_config=None):
         result = super()._download_and_prepare(dl_manager, download_config)
         # Written into the incomplete dir, so it moves with the data when preparation succeeds.
-        payload = {"counts": dict(self._bad.counts), "examples": self._bad.examples}
+        payload = {"counts": dict(self._bad.counts), "examples": self._bad.examples, "first": self._bad.first}
         pathlib.Path(self.data_path, BAD_RECORDS_FILE).write_text(json.dumps(payload, indent=1))
         return result
 
@@ -218,8 +218,8 @@ def prepare_dataset(entry: dict, *, data_dir=None, on_bad_record="strict", max_t
     sidecar = pathlib.Path(builder.data_dir, BAD_RECORDS_FILE)
     bad = json.loads(sidecar.read_text()) if sidecar.exists() else {"counts": {}, "examples": {}}
     if on_bad_record == "strict" and bad["counts"]:
-        first = sorted(bad["examples"].items())[0]
-        raise BadRecordError(first[1], first[0])
+        reason, line = bad.get("first") or sorted(bad["examples"].items())[0]
+        raise BadRecordError(line, reason)
     return PreparedDataset(name=entry.get("name") or builder.builder_config.name,
                            source=PairSource(builder.as_data_source()["train"]),
                            skip_counts=dict(bad["counts"]), skip_examples=dict(bad["examples"]),

@@ -338,7 +338,7 @@ def prepare_datasets(data_config, *, verbose=True):
         if ds.skip_counts and verbose:
             counts = ", ".join(f"{k}={v}" for k, v in sorted(ds.skip_counts.items()))
             print(f"data: dataset {e['name']!r}: {len(ds.source)} records, skipped bad records: {counts} "
-                  f"(first: {sorted(ds.skip_examples.items())[0][1]})")
+                  f"(e.g. {sorted(ds.skip_examples.items())[0][1]})")
         prepared.append(ds)
     return entries, prepared
 

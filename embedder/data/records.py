@@ -34,6 +34,7 @@ class BadRecordLog:
         self.policy = policy
         self.counts: collections.Counter = collections.Counter()
         self.examples: dict[str, str] = {}  # first report line per reason, for the summary
+        self.first: tuple[str, str] | None = None  # (reason, line) of the earliest problem
 
     def report(self, where: str, reason: str, message: str):
         line = f"{where}: {message}"
@@ -41,11 +42,8 @@ class BadRecordLog:
             raise BadRecordError(line, reason)
         self.counts[reason] += 1
         self.examples.setdefault(reason, line)
-
-    def merge(self, counts: dict, examples: dict):
-        self.counts.update(counts)
-        for k, v in examples.items():
-            self.examples.setdefault(k, v)
+        if self.first is None:
+            self.first = (reason, line)
 
     def summary(self) -> str:
         if not self.counts:
