@@ -175,10 +175,17 @@ def _st_modules(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
 
 def _check_pooling(path: pathlib.Path) -> None:
     cfg = _read_json(path / "config.json", "Pooling config")
-    on = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True)
-    if on != ["pooling_mode_mean_tokens"]:
-        raise ValueError(f"{path}: pooling {on} is not supported; embedder models use mean pooling "
-                         "(pooling_mode_mean_tokens only)")
+    if "pooling_mode" in cfg:  # sentence-transformers >= 6: "mean" or a list of modes
+        mode = cfg["pooling_mode"]
+        on = sorted([mode] if isinstance(mode, str) else mode)
+    else:  # older files: one boolean flag per mode
+        on = sorted(k[len("pooling_mode_"):] for k, v in cfg.items()
+                    if k.startswith("pooling_mode") and v is True)
+    if on not in (["mean"], ["mean_tokens"]):
+        raise ValueError(f"{path}: pooling {on} is not supported; embedder models use mean pooling")
+    if cfg.get("include_prompt", True) is False:
+        raise ValueError(f"{path}: include_prompt=false (prompt tokens left out of the mean) is not "
+                         "supported; embedder pools over every non-padding token")
 
 
 def _dense_dims(path: pathlib.Path) -> int:
