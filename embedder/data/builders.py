@@ -5,6 +5,7 @@ then returns a random-access source of decoded records plus its bad-record count
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,19 @@ import tensorflow_datasets as tfds
 
 from embedder.data.records import BadRecordError, BadRecordLog, read_beir_pairs, read_jsonl_pairs
 
-log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    # TFDS warns "Using custom data configuration" for every config it did not declare,
+    # which is every dataset here; keep real errors.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
 
 DEBIAN_PAIRS = pathlib.Path(__file__).resolve().parents[2] / "data" / "debian" / "train_pairs.jsonl.gz"
 BAD_RECORDS_FILE = "bad_records.json"
@@ -160,7 +173,8 @@ def make_builder(entry: dict, *, data_dir, on_bad_record="strict", max_text_char
     else:
         raise ValueError(f"dataset {name!r}: unknown builder {kind!r}; use one of {BUILDERS} "
                          "(or give 'files' for JSONL)")
-    return cls(config=config, data_dir=str(data_dir), file_format="array_record")
+    with _quiet_tfds():
+        return cls(config=config, data_dir=str(data_dir), file_format="array_record")
 
 
 def _slug(name: str) -> str:
