@@ -182,10 +182,12 @@ def test_cli_help_bad_flags_bad_task_and_a_run(tmp_path, task_dirs, monkeypatch,
     assert main(["--model", "m", "--task", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and err.count("\n") == 1 and loaded == []  # failed before loading the model
+    assert main(["--model", "m", "--task", str(task_dirs["sts"]), "--dims", "64"]) == 2
+    assert "exceed the model's output dim 16" in capsys.readouterr().err
     out = tmp_path / "res" / "r.json"
     rc = main(["--model", "mymodel", "--task", str(task_dirs["sts"]), "--task", str(task_dirs["reranking"]),
                "--dims", "16,8", "--out", str(out), "--batch_size", "8"])
-    assert rc == 0 and loaded == ["mymodel"]
+    assert rc == 0 and loaded == ["m", "mymodel"]
     printed = capsys.readouterr().out
     assert "Toysts" in printed and "spearman" in printed and "Toyreranking" in printed
     saved = json.loads(out.read_text())

@@ -65,7 +65,19 @@ def main(argv=None) -> int:
         return 2
     from embedder import Embedder
 
-    model = Embedder.load(args.model)
+    try:
+        model = Embedder.load(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"python -m embedder.evaluate: error: cannot load model {args.model!r}: {e}", file=sys.stderr)
+        return 2
+    if args.dims:
+        # Check the dims against the model's output size before the long encoding passes.
+        full = model.encode(["dimension probe"], role="query").shape[1]
+        too_big = [d for d in args.dims if d > full]
+        if too_big:
+            print(f"python -m embedder.evaluate: error: --dims {too_big} exceed the model's output dim {full}",
+                  file=sys.stderr)
+            return 2
     results = evaluate_tasks(model, tasks, args.dims, batch_size=args.batch_size, top_k=args.top_k,
                              seeds=args.seeds, progress=True)
     print(format_table(results))
