@@ -164,3 +164,14 @@ def test_train_sentencepiece_tiny(tmp_path):
     assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2) and 260 < tok.vocab_size <= 400
     odd = "never seen: 中文 🙂 \x01"
     assert tok.decode(tok.encode([odd])[0]) == odd
+
+
+def test_train_tokenizer_cli_inputs(tmp_path, capsys):
+    from embedder.data.train_tokenizer import main, pair_texts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"query": "q1", "positive": "p1", "negatives": ["n"]}\n\n{"query": "", "positive": "p2"}\n')
+    assert list(pair_texts(path)) == ["q1", "p1", "p2"]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--input", str(tmp_path / "missing.jsonl")])
+    assert "input file not found" in capsys.readouterr().err

@@ -182,8 +182,8 @@ class TrainIterator:
 
     # ---- state -------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
-        return {"datasets": self.dataset_names, "dataset_sizes": self.dataset_sizes, "seed": self.seed,
-                "mode": self.mode, "global_batch_size": self.global_batch_size,
+        return {"datasets": self.dataset_names, "dataset_sizes": self.dataset_sizes,
+                "weights": [float(e["weight"]) for e in self.entries], "seed": self.seed, "mode": self.mode, "global_batch_size": self.global_batch_size,
                 "process_count": self.process_count}
 
     def get_state(self) -> dict:
