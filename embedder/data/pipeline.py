@@ -32,6 +32,13 @@ rows) and whose `get_state()`/`set_state()` make a resumed run see exactly the s
     data_dir            where prepared array_record datasets live ("" -> $TFDS_DATA_DIR or
                         ~/tensorflow_datasets); the train loop may point it into the workdir
     shuffle             shuffle each host's shard, reshuffled every epoch (seeded)
+
+Each host reads only its contiguous shard of every dataset (`len // process_count` records,
+grain `ShardOptions(process_index, process_count, drop_remainder=True)`). The iterator state
+is the number of batches handed out so far (plus a fingerprint of the data setup), so
+`get_state()` must be taken when the batches of the completed steps have been consumed and
+no more. With a shared `data_dir`, prepare datasets once (one host, or ahead of the job)
+before many hosts open them.
     prefetch            batches built ahead on a background thread (0 = build on demand)
 """
 from __future__ import annotations
