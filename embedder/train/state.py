@@ -1,0 +1,76 @@
+"""`TrainState` (step, params, opt_state) and its creation, born sharded on the mesh."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from embedder import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _query_length(example_batch_shapes: Mapping[str, Any]) -> int:
+    if "query_ids" not in example_batch_shapes:
+        raise ValueError("create_train_state: example_batch_shapes needs a 'query_ids' entry "
+                         f"([B, L] int32, ARCHITECTURE.md 'Batches'); got {sorted(example_batch_shapes)}")
+    shape = example_batch_shapes["query_ids"]
+    shape = tuple(shape.shape) if hasattr(shape, "shape") else tuple(shape)
+    return int(shape[-1])
+
+
+def _boxed_init_fn(model, length: int):
+    # Parameters do not depend on the batch size, so one row is enough to trace init.
+    def init(rng):
+        ids = jnp.zeros((1, length), jnp.int32)
+        return model.init({"params": rng, "dropout": rng}, ids, jnp.ones_like(ids))["params"]
+
+    return init
+
+
+def state_shardings_for(model, optimizer: optax.GradientTransformation, mesh: Mesh, rules,
+                        example_batch_shapes: Mapping[str, Any]):
+    """(abstract TrainState, TrainState of NamedShardings); nothing is allocated.
+
+    Parameters follow their logical axis names; optimizer slots that mirror a
+    parameter (Adam moments) take its sharding, everything else is replicated.
+    """
+    init = _boxed_init_fn(model, _query_length(example_batch_shapes))
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    param_sh = sharding.param_shardings(boxed, mesh, rules)
+    params = nn.meta.unbox(boxed)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    replicated = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_sh,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+    return abstract, TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def create_train_state(model, optimizer: optax.GradientTransformation, rng, mesh: Mesh, rules,
+                       example_batch_shapes: Mapping[str, Any]):
+    """Initialises `TrainState` directly into its shardings (`jax.jit(init, out_shardings=...)`),
+    so no device ever holds the full unsharded parameters. Returns `(state, state_shardings)`."""
+    _, shardings = state_shardings_for(model, optimizer, mesh, rules, example_batch_shapes)
+    init_params = _boxed_init_fn(model, _query_length(example_batch_shapes))
+
+    def init(rng):
+        with nn.logical_axis_rules(rules):
+            params = nn.meta.unbox(init_params(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, in_shardings=sharding.replicated(mesh), out_shardings=shardings)(rng)
+    return state, shardings

@@ -1,0 +1,138 @@
+"""The pure train step `(state, batch, rng) -> (state, metrics)` and its sharded jit.
+
+The step embeds queries, positives and hard negatives of the **global** batch,
+computes Matryoshka NCE over all of it (every row of every device is a negative
+for every row), and applies the optimizer. With `grad_cache_chunks > 1` the
+gradient comes from the gradient cache instead, equal up to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from embedder import sharding
+from embedder.losses import loss_options_from_config, matryoshka_nce
+from embedder.train.grad_cache import cached_value_and_grad
+from embedder.train.state import TrainState, create_train_state  # noqa: F401  (re-exported)
+
+QUERY_RNG, POSITIVE_RNG, NEGATIVE_RNG = 0, 1, 2
+
+
+def _constrain_rows(x: jax.Array) -> jax.Array:
+    # Embeddings stay split by rows over the data axes; the loss's matmuls then
+    # gather what they need, instead of XLA replicating the encoder outputs.
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
+                deterministic: bool = False) -> dict[str, jax.Array]:
+    """`{"query": [B, D], "positive": [B, D], "negative": [B, K, D]}` (negative only when K > 0)."""
+    def encode(ids, mask, stream):
+        return model.apply({"params": params}, ids, mask, deterministic=deterministic,
+                           rngs={"dropout": jax.random.fold_in(rng, stream)})
+
+    out = {"query": _constrain_rows(encode(batch["query_ids"], batch["query_mask"], QUERY_RNG)),
+           "positive": _constrain_rows(encode(batch["positive_ids"], batch["positive_mask"], POSITIVE_RNG))}
+    if "negative_ids" in batch and batch["negative_ids"].shape[1] > 0:
+        b, k, length = batch["negative_ids"].shape
+        neg = encode(batch["negative_ids"].reshape(b * k, length),
+                     batch["negative_mask"].reshape(b * k, length), NEGATIVE_RNG)
+        out["negative"] = _constrain_rows(neg.reshape(b, k, -1))
+    return out
+
+
+def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+               loss_options: Mapping[str, Any]) -> tuple[jax.Array, dict]:
+    """Matryoshka NCE of a batch's embeddings, with its text-identity hashes and negative validity."""
+    negatives = embeddings.get("negative")
+    return matryoshka_nce(
+        embeddings["query"], embeddings["positive"], negatives, query_ids=batch.get("query_hash"),
+        positive_ids=batch.get("positive_hash"),
+        negative_ids=batch.get("negative_hash") if negatives is not None else None,
+        negatives_mask=batch.get("negatives_valid") if negatives is not None else None,
+        **loss_options)
+
+
+def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0):
+    """`(params, batch, rng) -> ((loss, metrics), grads)`, full-batch or gradient-cached."""
+    loss_options = loss_options_from_config(loss_config)
+    chunks = int(grad_cache_chunks)
+    if chunks < 0:
+        raise ValueError(f"grad_cache_chunks must be >= 0 (0 or 1: off), got {chunks}")
+
+    def embed(params, batch, rng):
+        return embed_batch(model, params, batch, rng)
+
+    def loss_of_embeddings(batch):
+        return lambda emb: batch_loss(emb, batch, loss_options)
+
+    if chunks <= 1:
+        def grad_fn(params, batch, rng):
+            def loss_fn(prm):
+                return loss_of_embeddings(batch)(embed(prm, batch, rng))
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+        def grad_fn(params, batch, rng):
+            model_inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
+            return cached_value_and_grad(embed, loss_of_embeddings(batch), params, model_inputs, rng, chunks)
+    return grad_fn
+
+
+def make_train_step(model, loss_config, optimizer: optax.GradientTransformation, *,
+                    grad_cache_chunks: int = 0) -> Callable:
+    """A pure `(state, batch, rng) -> (state, metrics)` for `jit_train_step`.
+
+    `loss_config`: the train config's `loss` entry (see `embedder.losses.loss_options_from_config`).
+    `grad_cache_chunks > 1` computes the gradient with the gradient cache in that many chunks.
+    """
+    grad_fn = make_grad_fn(model, loss_config, grad_cache_chunks=grad_cache_chunks)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
+        (loss, metrics), grads = grad_fn(state.params, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       update_norm=optax.tree.norm(updates), param_norm=optax.tree.norm(params))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def _mesh_of(where) -> Mesh:
+    if isinstance(where, Mesh):
+        return where
+    if isinstance(where, NamedSharding):
+        return where.mesh
+    leaves = jax.tree.leaves(where, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if leaves and isinstance(leaves[0], NamedSharding):
+        return leaves[0].mesh
+    raise TypeError(f"jit_train_step: expected a Mesh or batch NamedSharding(s), got {type(where).__name__}")
+
+
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding, *, rules=None):
+    """`jax.jit` of the step with explicit shardings and the old state donated.
+
+    `batch_sharding`: a `Mesh` (every batch entry split by rows over the data axes),
+    one `NamedSharding` for all entries, or a dict of them. `rules`: the logical-axis
+    rules for activation constraints while tracing (default: the rules active at
+    trace time, else `sharding.DEFAULT_RULES`). Lower and compile it under
+    `jax.set_mesh(mesh)`.
+    """
+    mesh = _mesh_of(batch_sharding)
+    if isinstance(batch_sharding, Mesh):
+        batch_sharding = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def step_with_rules(state, batch, rng):
+        active = rules if rules is not None else (nn.get_logical_axis_rules() or sharding.DEFAULT_RULES)
+        with nn.logical_axis_rules(active):
+            return step_fn(state, batch, rng)
+
+    return jax.jit(step_with_rules, in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)

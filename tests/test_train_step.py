@@ -1,0 +1,204 @@
+"""Train state, optimizer and the sharded train step: sharded runs equal single-device runs."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embedder import sharding
+from embedder.train.optim import make_optimizer, make_schedule, weight_decay_mask
+from embedder.train.state import create_train_state
+from embedder.train.step import jit_train_step, make_train_step
+
+B, K, LQ, LD, VOCAB = 16, 2, 6, 8, 64
+LOSS = {"dims": (16, 8), "temperature": 0.05, "global_hard_negatives": True, "hardness_alpha": 1.0,
+        "same_tower": True}
+OPT = {"learning_rate": 3e-2, "warmup_steps": 1, "schedule": "linear", "weight_decay": 0.1,
+       "grad_clip_norm": 1.0}
+# (data 8), (data 4, fsdp 2), (data 2, fsdp 2, tensor 2); size-1 axes keep every rule's axis defined.
+MESHES = [(8, 1, 1), (4, 2, 1), (2, 2, 2)]
+AXES = ("data", "fsdp", "tensor")
+
+
+class StandInEncoder(nn.Module):
+    """Token embedding -> LayerNorm -> masked mean pool -> MLP -> projection, logically partitioned.
+
+    Compiles in a fraction of the real encoder's time, which keeps the many-mesh
+    tests cheap; the same `apply` signature as `EmbeddingModel`.
+    """
+
+    hidden: int = 32
+    out: int = 16
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
+        table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                           (VOCAB, self.hidden))
+        x = jnp.take(table, input_ids, axis=0)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.LayerNorm(name="norm", scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
+        mask = attention_mask[..., None].astype(x.dtype)
+        x = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        x = nn.Dense(64, name="up", kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+        x = nn.Dropout(self.dropout)(jax.nn.gelu(x), deterministic=deterministic)
+        x = nn.Dense(self.out, use_bias=False, name="proj",
+                     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "proj")))(x)
+        return nn.with_logical_constraint(x, ("batch", "proj"))
+
+
+def make_batch(seed=0, b=B, k=K):
+    """A batch in ARCHITECTURE.md's layout with duplicate texts, false and missing negatives."""
+    rng = np.random.default_rng(seed)
+    ids = lambda *shape: rng.integers(1, VOCAB, shape).astype(np.int32)
+
+    def mask(*shape):
+        lengths = rng.integers(2, shape[-1] + 1, shape[:-1])
+        return (np.arange(shape[-1]) < lengths[..., None]).astype(np.int32)
+
+    batch = {"query_ids": ids(b, LQ), "query_mask": mask(b, LQ), "positive_ids": ids(b, LD),
+             "positive_mask": mask(b, LD), "negative_ids": ids(b, k, LD), "negative_mask": mask(b, k, LD),
+             "negatives_valid": rng.random((b, k)) > 0.25,
+             "query_hash": np.stack([np.arange(b), np.zeros(b)], 1).astype(np.uint32),
+             "positive_hash": np.stack([np.arange(b) + 100, np.zeros(b)], 1).astype(np.uint32),
+             "negative_hash": (np.arange(b * k).reshape(b, k, 1) + np.array([1000, 0])).astype(np.uint32),
+             "dataset": np.zeros(b, np.int32)}
+    # Rows 1 and 3 share a positive text (and its tokens), row 2's first negative is row 5's positive.
+    batch["positive_ids"][3], batch["positive_mask"][3] = batch["positive_ids"][1], batch["positive_mask"][1]
+    batch["positive_hash"][3] = batch["positive_hash"][1]
+    batch["negative_ids"][2, 0], batch["negative_mask"][2, 0] = batch["positive_ids"][5], batch["positive_mask"][5]
+    batch["negative_hash"][2, 0] = batch["positive_hash"][5]
+    return batch
+
+
+def mesh_of(shape, devices=None):
+    return sharding.make_mesh({"axes": AXES, "shape": shape}, devices=devices)
+
+
+def run_steps(model, mesh, batches, *, loss=LOSS, opt=OPT, chunks=0, seed=0):
+    """Losses of each step and the final params (numpy), on `mesh`."""
+    optimizer = make_optimizer(opt, total_steps=10)
+    rules = sharding.DEFAULT_RULES
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(seed), mesh, rules, batches[0])
+        step = jit_train_step(make_train_step(model, loss, optimizer, grad_cache_chunks=chunks), shardings, mesh)
+        compiled = step.lower(state, sharding.host_to_global(batches[0], mesh), jax.random.key(1)).compile()
+        losses = []
+        for i, batch in enumerate(batches):
+            state, metrics = compiled(state, sharding.host_to_global(batch, mesh), jax.random.fold_in(jax.random.key(1), i))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.tree.map(np.asarray, state.params), state, shardings
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    batches = [make_batch(s) for s in range(3)]
+    return batches, run_steps(StandInEncoder(), mesh_of((1, 1, 1), jax.devices()[:1]), batches)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "data{}_fsdp{}_tensor{}".format(*s))
+def test_three_sharded_steps_equal_single_device(single_device_run, shape):
+    batches, (want_losses, want_params, _, _) = single_device_run
+    losses, params, state, shardings = run_steps(StandInEncoder(), mesh_of(shape), batches)
+    assert len(set(want_losses)) == 3, "the loss must change between steps, or the test proves nothing"
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    for path, got in jax.tree_util.tree_leaves_with_path(params):
+        want = want_params
+        for key in path:
+            want = want[key.key]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # State stays where create_train_state put it, born sharded.
+    for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        assert leaf.sharding.is_equivalent_to(sh, leaf.ndim)
+    if shape[1] > 1:
+        assert "fsdp" in str(shardings.params["up"]["kernel"].spec)
+
+
+def test_params_change_and_state_is_donated(single_device_run):
+    batches, (_, final_params, _, _) = single_device_run
+    model = StandInEncoder()
+    mesh = mesh_of((4, 2, 1))
+    optimizer = make_optimizer(OPT, total_steps=10)
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh, sharding.DEFAULT_RULES,
+                                              batches[0])
+        # Adam moments are sharded like their parameters.
+        mu = state.opt_state[1][0].mu
+        assert mu["up"]["kernel"].sharding.is_equivalent_to(shardings.params["up"]["kernel"], 2)
+        first = np.asarray(state.params["up"]["kernel"])
+        step = jit_train_step(make_train_step(model, LOSS, optimizer), shardings, mesh)
+        new, _ = step(state, sharding.host_to_global(batches[0], mesh), jax.random.key(1))
+        assert state.params["up"]["kernel"].is_deleted()
+        assert int(new.step) == 1
+    # Warmup makes the first step's learning rate 0: only later steps move the weights.
+    np.testing.assert_array_equal(np.asarray(new.params["up"]["kernel"]), first)
+    assert not np.allclose(final_params["up"]["kernel"], first)
+
+
+def test_schedule_values():
+    cfg = {"learning_rate": 1.0, "warmup_steps": 4, "schedule": "cosine", "end_lr_fraction": 0.1}
+    sched = make_schedule(cfg, total_steps=14)
+    for step in range(15):
+        if step < 4:
+            want = step / 4
+        else:
+            t = min(step - 4, 10) / 10
+            want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+        assert float(sched(step)) == pytest.approx(want, abs=1e-6), step
+    lin = make_schedule({"learning_rate": 2.0, "warmup_steps": 0, "schedule": "linear"}, total_steps=8)
+    assert [float(lin(s)) for s in (0, 4, 8)] == pytest.approx([2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule({"schedule": "step"}, 10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        make_schedule({"warmup_steps": 20}, 10)
+
+
+def test_decay_mask_and_frozen_subtrees():
+    from embedder.model import EmbeddingModel
+    from embedder.model.config import get_model_config
+
+    for name in ("tiny", "tiny-bert"):
+        ids = jnp.ones((1, 4), jnp.int32)
+        params = nn.meta.unbox(jax.eval_shape(
+            lambda: EmbeddingModel(get_model_config(name)).init(jax.random.key(0), ids, ids))["params"])
+        mask = weight_decay_mask(params)
+        flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+        for path, decayed in flat.items():
+            is_matrix = path.endswith("['w']") and "norm" not in path
+            assert decayed == is_matrix, path
+        assert all(jax.tree.leaves(weight_decay_mask(params, decay_everything=True)))
+
+    # Frozen parameters never move and carry no optimizer moments; the rest trains.
+    model = StandInEncoder()
+    batch = make_batch(0)
+    opt = dict(OPT, warmup_steps=0, frozen=("^embedding$", "norm/"))
+    mesh = mesh_of((8, 1, 1))
+    optimizer = make_optimizer(opt, total_steps=10)
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh, sharding.DEFAULT_RULES, batch)
+        before = jax.tree.map(np.asarray, state.params)
+        step = jit_train_step(make_train_step(model, LOSS, optimizer), shardings, mesh)
+        state, _ = step(state, sharding.host_to_global(batch, mesh), jax.random.key(1))
+    after = jax.tree.map(np.asarray, state.params)
+    np.testing.assert_array_equal(after["embedding"], before["embedding"])
+    np.testing.assert_array_equal(after["norm"]["scale"], before["norm"]["scale"])
+    assert not np.allclose(after["up"]["kernel"], before["up"]["kernel"])
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state))
+    trainable = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(before)
+                    if "embedding" not in jax.tree_util.keystr(p) and "norm" not in jax.tree_util.keystr(p))
+    assert moments == 2 * trainable + 2  # mu, nu of trainable params + Adam count + schedule count
+    with pytest.raises(ValueError, match="matches no parameter"):
+        make_optimizer(dict(OPT, frozen=("encodr/",)), 10).init(before)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="adamw"):
+        make_optimizer({"name": "sgd"}, 10)
+    with pytest.raises(ValueError, match="unknown loss option"):
+        make_train_step(StandInEncoder(), {"dims": (8,), "temperatur": 0.1}, make_optimizer(OPT, 10))
+    with pytest.raises(ValueError, match="grad_cache_chunks"):
+        make_train_step(StandInEncoder(), LOSS, make_optimizer(OPT, 10), grad_cache_chunks=-2)
