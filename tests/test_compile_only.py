@@ -97,32 +97,62 @@ def _gemma_param_count(cfg) -> tuple[int, int]:
     return emb + cfg.num_layers * per_layer + h + head, emb
 
 
+def _tiny_config():
+    from embedder.train.config import base_config
+
+    c = base_config()
+    c.batch_size = 8
+    c.grad_cache_chunks = 2
+    c.data.query_max_length = 8
+    c.data.document_max_length = 8
+    c.data.num_negatives = 1
+    c.loss.dims = (32, 16)
+    return c
+
+
+def test_compile_for_local_cpu_devices(capsys):
+    c = _tiny_config()
+    r = co.compile_train_step(c)
+    from embedder.model.config import ModelConfig
+
+    total, emb = _gemma_param_count(ModelConfig.from_dict(c.model.to_dict()))
+    assert (r.params_total, r.params_non_embedding) == (total, total - emb)
+    assert r.num_devices == len(jax.devices()) and r.mesh["data"] == len(jax.devices())
+    assert r.flops["tokens"] == 8 * 8 * 3          # query + positive + one negative per row
+    assert r.argument_bytes > 0 and r.temp_bytes >= 0 and r.fits
+    out = co.format_report(r)
+    assert "local cpu, 8 devices" in out and "model FLOPs per step" in out
+
+
+def test_compile_only_bad_mesh_is_a_clear_error(capsys):
+    c = _tiny_config()
+    c.mesh.shape = (3, -1, 1)
+    assert co.compile_only(c) == 2
+    assert "cannot auto-fill mesh axis" in capsys.readouterr().out
+
+
 @needs_libtpu
-def test_abstract_state_on_a_topology_allocates_nothing_and_shards_slots_like_params():
-    import optax
+def test_compile_tiny_config_for_v5e_2x2(capsys):
+    c = _tiny_config()
+    c.mesh.shape = (2, 2, 1)
+    assert co.compile_only(c, topology="v5e:2x2") == 0
+    out = capsys.readouterr().out
+    assert "v5e:2x2 x1 slice(s), 4 devices" in out and "of HBM 15.75 GiB" in out
 
-    from embedder import sharding
-    from embedder.model import EmbeddingModel
-    from embedder.model.config import get_model_config
 
-    topo = co.parse_topology("v5e:4x4")
-    devices = co.topology_devices(topo)
-    assert len(devices) == 16 and devices[0].platform == "tpu"
-    mesh = co.build_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (2, -1, 2)}),
-                         devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
-    cfg = get_model_config("gemma3-1b", projection_dims=(3072, 768))
-    state, shardings = co.abstract_train_state(EmbeddingModel(cfg), optax.adamw(1e-3), mesh, sharding.DEFAULT_RULES,
-                                               {"query_ids": jax.ShapeDtypeStruct((32, 512), np.int32)})
-    leaves = jax.tree.leaves(state)
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-    total, emb = _gemma_param_count(cfg)
-    assert sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)) == total
-    assert co.embedding_param_count(cfg) == emb
-    p_sh = jax.tree.leaves(shardings.params)
-    mu = shardings.opt_state[0].mu
-    assert jax.tree.leaves(mu) == p_sh           # Adam moments sharded exactly like their parameters
-    assert shardings.opt_state[0].count.spec == jax.sharding.PartitionSpec()
+@needs_libtpu
+def test_too_large_for_v5e_is_reported_not_crashed(capsys):
+    # One global layer, no gradient cache (cheap to compile), but a 4M x 1024 embedding table
+    # whose f32 Adam state (48 GiB, 24 GiB per chip over fsdp=2) cannot fit a 15.75 GiB v5e chip.
+    c = _tiny_config()
+    c.grad_cache_chunks = 0
+    c.data.num_negatives = 0
+    c.mesh.shape = (2, 2, 1)
+    c.model.num_layers, c.model.layer_types = 1, ("global",)
+    c.model.vocab_size, c.model.hidden_size = 1 << 22, 1024
+    assert co.compile_only(c, topology="v5e:2x2") == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "15.75 GiB" in out
 
 
 @needs_libtpu

@@ -192,44 +192,6 @@ def global_batch_shapes(config) -> dict:
     return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
-def abstract_train_state(model, optimizer, mesh, rules, batch_shapes: dict):
-    """(abstract TrainState, its shardings) by `eval_shape` only: nothing is allocated.
-
-    Parameters follow their logical axis names; optimizer slots that mirror a
-    parameter (Adam moments) take that parameter's sharding, the rest (counts) are
-    replicated - the placement `create_train_state` gives the real state.
-    """
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from embedder.train.step import TrainState
-
-    length = batch_shapes["query_ids"].shape[-1] if "query_ids" in batch_shapes else 8
-    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    boxed = jax.eval_shape(lambda i, m: model.init(jax.random.key(0), i, m), ids, ids)["params"]
-    param_sh = sharding.param_shardings(boxed, mesh, rules)
-    params = nn.meta.unbox(boxed)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    replicated = sharding.replicated(mesh)
-    by_path = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        by_path[jax.tree_util.keystr(path)] = leaf.shape
-    param_sh_by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sh)}
-
-    def slot_sharding(path, leaf):
-        # An optimizer slot of a parameter ends with that parameter's path (optax nests the params tree).
-        for i in range(len(path)):
-            key = jax.tree_util.keystr(path[i:])
-            if by_path.get(key) == leaf.shape:
-                return param_sh_by_path[key]
-        return replicated
-
-    opt_sh = jax.tree_util.tree_map_with_path(slot_sharding, opt_state)
-    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
-    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
-    return state, shardings
-
-
 @dataclasses.dataclass
 class CompileReport:
     platform: str
@@ -289,6 +251,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     from embedder.model import EmbeddingModel
     from embedder.model.config import ModelConfig
     from embedder.train.optim import make_optimizer
+    from embedder.train.state import state_shardings_for
     from embedder.train.step import jit_train_step, make_train_step
 
     devices = list(devices) if devices is not None else jax.devices()
@@ -298,8 +261,8 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     model = EmbeddingModel(model_cfg)
     optimizer = make_optimizer(config.optimizer, config.total_steps)
     global_shapes = global_batch_shapes(config)
-    with jax.set_mesh(mesh):
-        abstract_state, state_shardings = abstract_train_state(model, optimizer, mesh, rules, global_shapes)
+    # Outside set_mesh: tracing init makes a concrete PRNG key, which cannot live on AOT-only devices.
+    abstract_state, state_shardings = state_shardings_for(model, optimizer, mesh, rules, global_shapes)
     params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     non_embedding = params_total - embedding_param_count(model_cfg)
     flops = model_flops_per_step(model_cfg, non_embedding, sequences_per_step(global_shapes))
@@ -316,7 +279,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     state = _shape_dtype_tree(abstract_state, state_shardings)
 
     step_fn = make_train_step(model, config.loss, optimizer, grad_cache_chunks=config.grad_cache_chunks)
-    jitted = jit_train_step(step_fn, state_shardings, mesh)
+    jitted = jit_train_step(step_fn, state_shardings, mesh, rules=rules)
     report = CompileReport(
         platform=devices[0].platform, topology=topology_name or f"local {devices[0].platform}",
         num_devices=len(devices), mesh=dict(mesh.shape), params_total=params_total,
@@ -346,7 +309,9 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
 
 
 def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB"
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 8 else f"{n / 2**20:.1f} MiB"
 
 
 def format_report(r: CompileReport, peak_flops: float | None = None) -> str:
@@ -359,7 +324,7 @@ def format_report(r: CompileReport, peak_flops: float | None = None) -> str:
     ]
     if peak_flops:
         ideal = r.flops["total"] / (peak_flops * r.num_devices)
-        lines.append(f"  ideal step time at 100% of peak bf16 ({peak_flops / 1e12:.0f} TFLOP/s per chip): {ideal:.3f} s")
+        lines.append(f"  ideal step time at 100% of peak bf16 ({peak_flops / 1e12:.0f} TFLOP/s per chip): {ideal * 1e3:.3g} ms")
     if r.error:
         lines.append(f"  DOES NOT FIT: {r.error}")
         lines.append(f"  required {_gib(r.required_bytes)} per device, available {_gib(r.hbm_bytes)}; "
