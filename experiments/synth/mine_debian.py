@@ -43,11 +43,14 @@ class MemoEncoder:
         self.encoder, self.memo = encoder, {}
 
     def encode(self, texts, role="query", task=None, dim=None, batch_size=64, titles=None):
-        missing = [t for t in dict.fromkeys(texts) if (role, t) not in self.memo]
+        titles = list(titles) if titles is not None else [""] * len(texts)
+        keys = [(role, ti, t) for ti, t in zip(titles, texts)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.memo))
         if missing:
-            for t, e in zip(missing, self.encoder.encode(missing, role=role, task=task, batch_size=batch_size)):
-                self.memo[(role, t)] = e
-        return np.stack([self.memo[(role, t)] for t in texts])
+            embs = self.encoder.encode([k[2] for k in missing], role=role, task=task, batch_size=batch_size,
+                                       titles=[k[1] for k in missing] if any(k[1] for k in missing) else None)
+            self.memo.update(zip(missing, embs))
+        return np.stack([self.memo[k] for k in keys])
 
 
 def main():
@@ -85,10 +88,16 @@ def main():
     same = sum(normalise_text(n) == normalise_text(r["positive"]) for r in out for n in r["negatives"])
     rng = np.random.default_rng(0)
     corpus = list(dict.fromkeys(r["positive"] for r in records))
+    title_of = {}
+    for r in records:
+        title_of.setdefault(r["positive"], r.get("title") or "")
     q = encoder.encode([r["query"] for r in out], role="query")
-    neg = encoder.encode([r["negatives"][0] for r in out], role="document")
-    pos = encoder.encode([r["positive"] for r in out], role="document")
-    rnd = encoder.encode([corpus[i] for i in rng.integers(0, len(corpus), len(out))], role="document")
+    def docs(texts):
+        return encoder.encode(texts, role="document", titles=[title_of[t] for t in texts])
+
+    neg = docs([r["negatives"][0] for r in out])
+    pos = docs([r["positive"] for r in out])
+    rnd = docs([corpus[i] for i in rng.integers(0, len(corpus), len(out))])
     stats = {
         "pairs": len(records), "mined": len(out), "corpus_docs": len(corpus), "seconds": round(mine_s, 1),
         "negatives_equal_to_positive": same, "counts": dict(counts),
