@@ -14,7 +14,7 @@ from embedder.model.rope import apply_rope
 
 
 def attention_mask(key_mask, window: int | None = None):
-    """Boolean `[B, 1, L, L]`: query i may see key j.
+    """Boolean, broadcastable to `[B, 1, L, L]`: query i may see key j.
 
     Every query sees every non-padding key; with a `window`, only keys with
     `|i - j| < window` (the symmetric window of bidirectional local layers).

@@ -1,0 +1,193 @@
+"""Model: named configs against published sizes, masks and pooling against loops, sharded ==
+single-device, remat / attention implementations / dtype / dropout behaviour."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embedder.model import MODEL_NAMES, EmbeddingModel, ModelConfig, get_model_config, mean_pool
+from embedder.model.attention import attention_mask
+
+# Published parameter counts (model cards / papers); MiniLM's 22.7M includes BERT's pooler,
+# which an embedding model does not use (384*384 + 384 parameters).
+PUBLISHED = {"gemma-2b": 2.51e9, "gemma2-2b": 2.61e9, "gemma3-270m": 268e6, "gemma3-1b": 1.0e9,
+             "gemma3-4b": 3.88e9, "gemma3-12b": 11.77e9, "gemma3-27b": 27.0e9,
+             "embeddinggemma-300m": 308e6, "minilm-l6": 22.7e6 - (384 * 384 + 384)}
+
+# The same sizes as transformers configs (values from the HF config.json files).
+HF_CONFIGS = {
+    "gemma-2b": ("GemmaConfig", "GemmaModel", dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1, head_dim=256)),
+    "gemma2-2b": ("Gemma2Config", "Gemma2Model", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256)),
+    "gemma3-270m": ("Gemma3TextConfig", "Gemma3TextModel", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256)),
+    "gemma3-1b": ("Gemma3TextConfig", "Gemma3TextModel", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256)),
+    "gemma3-4b": ("Gemma3TextConfig", "Gemma3TextModel", dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256)),
+    "gemma3-12b": ("Gemma3TextConfig", "Gemma3TextModel", dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256)),
+    "gemma3-27b": ("Gemma3TextConfig", "Gemma3TextModel", dict(vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128)),
+    "embeddinggemma-300m": ("Gemma3TextConfig", "Gemma3TextModel", dict(vocab_size=262144, hidden_size=768, intermediate_size=1152, num_hidden_layers=24, num_attention_heads=3, num_key_value_heads=1, head_dim=256)),
+    "minilm-l6": ("BertConfig", "BertModel", dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12, add_pooling_layer=False)),
+}
+
+
+def _abstract_params(cfg, length=8):
+    ids = jax.ShapeDtypeStruct((2, length), jnp.int32)
+    return jax.eval_shape(lambda i, m: EmbeddingModel(cfg).init(jax.random.key(0), i, m)["params"], ids, ids)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(tree)))
+
+
+def _count_by_depth(name):
+    """Exact count from eval_shape at depths 1 and 2: every layer of a family has the same
+    parameters (local and global layers differ only in masks and RoPE), and tracing all 62
+    unrolled layers of the 27B model would take most of a minute on 2 cores."""
+    cfg = get_model_config(name)
+    shallow = [_count(_abstract_params(cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n])))
+               for n in (1, 2)]
+    return shallow[0] + (cfg.num_layers - 1) * (shallow[1] - shallow[0])
+
+
+def test_named_configs_eval_shape_and_match_published_sizes():
+    counts = {name: _count_by_depth(name) for name in MODEL_NAMES}
+    # One full-depth trace: the EmbeddingGemma body (24 layers, 5 local : 1 global).
+    assert _count(_abstract_params(get_model_config("embeddinggemma-300m"))) == counts["embeddinggemma-300m"]
+    for name, published in PUBLISHED.items():
+        assert counts[name] == pytest.approx(published, rel=5e-3), name
+    # Exact counts against transformers models built on the meta device (no memory).
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    for name, (cfg_cls, model_cls, kw) in HF_CONFIGS.items():
+        add_pooling = kw.pop("add_pooling_layer", True)
+        hf_cfg = getattr(transformers, cfg_cls)(**kw)
+        with torch.device("meta"):
+            model = getattr(transformers, model_cls)(hf_cfg, **({} if add_pooling else {"add_pooling_layer": False}))
+        hf_count = sum(p.numel() for p in model.parameters())
+        head = sum(a * b for a, b in zip((kw["hidden_size"],) + get_model_config(name).projection_dims,
+                                         get_model_config(name).projection_dims))
+        assert counts[name] == hf_count + head, name
+
+
+def test_config_round_trip_overrides_and_errors():
+    cfg = get_model_config("tiny", vocab_size=100, dtype="bfloat16")
+    assert cfg.vocab_size == 100 and cfg.embedding_dim == 32
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown model config 'nope'"):
+        get_model_config("nope")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        get_model_config("tiny", num_kv_heads=3)
+    with pytest.raises(ValueError, match="soft-capping needs the 'xla'"):
+        get_model_config("gemma2-2b", attention_impl="cudnn")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        ModelConfig.from_dict({"hidden": 3})
+
+
+def test_attention_mask_matches_loop():
+    key_mask = np.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0]])
+    for window in (None, 3):
+        got = np.broadcast_to(np.asarray(attention_mask(key_mask, window)), (2, 1, 7, 7))
+        for b in range(2):
+            for i in range(7):
+                for j in range(7):
+                    want = bool(key_mask[b, j]) and (window is None or abs(i - j) < window)
+                    assert got[b, 0, i, j] == want
+
+
+def test_mean_pool_matches_loop():
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    got = np.asarray(mean_pool(hidden, mask))
+    for b in range(3):
+        n = mask[b].sum()
+        want = sum(hidden[b, t] for t in range(5) if mask[b, t]) / n if n else np.zeros(4)
+        np.testing.assert_allclose(got[b], want, atol=1e-6)
+
+
+def _inputs(vocab=64, lengths=(10, 6, 3, 10, 1, 8, 9, 2)):
+    rng = np.random.default_rng(1)
+    ids = np.zeros((len(lengths), max(lengths)), np.int32)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, vocab, n)
+        mask[i, :n] = 1
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-bert"])
+def test_sharded_forward_equals_single_device(name):
+    from embedder import sharding
+
+    cfg = get_model_config(name, vocab_size=64)
+    model = EmbeddingModel(cfg)
+    ids, mask = _inputs()
+    mesh = sharding.make_mesh({"axes": ("data", "fsdp", "tensor"), "shape": (2, 2, 2)})
+    rules = sharding.logical_rules(None)
+    abstract = _abstract_params(cfg, ids.shape[1])
+    shardings = sharding.param_shardings(abstract, mesh, rules)
+    init = lambda k: nn.meta.unbox(model.init(k, ids, mask)["params"])  # noqa: E731
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+        batch = jax.device_put((ids, mask), sharding.batch_sharding(mesh, 2))
+        emb, hidden = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_hidden=True))(
+            params, *batch)
+    # Born sharded: the big tables really are split over the mesh.
+    table = params["encoder"]["embedding" if name == "tiny" else "word_embedding"]
+    assert len(table.sharding.device_set) == 8 and table.addressable_shards[0].data.shape == (32, 32)
+    host = jax.device_get(params)
+    ref_emb, ref_hidden = model.apply({"params": host}, ids, mask, return_hidden=True)
+    np.testing.assert_allclose(np.asarray(emb), np.asarray(ref_emb), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), atol=1e-5, rtol=0)
+
+
+def test_remat_attention_impl_and_dtype_variants_agree():
+    base = get_model_config("tiny", vocab_size=64)
+    ids, mask = _inputs()
+    params = EmbeddingModel(base).init(jax.random.key(0), ids, mask)["params"]
+
+    def run(cfg):
+        model = EmbeddingModel(cfg)
+        loss = lambda p: jnp.sum(model.apply({"params": p}, ids, mask) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss)(params)
+
+    ref_loss, ref_grad = run(base)
+    for variant in (dict(remat="full"), dict(remat="dots_saveable"),
+                    dict(attention_impl="dot_product_attention")):
+        loss, grad = run(base.replace(**variant))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(variant))
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=str(variant))
+    emb16 = EmbeddingModel(base.replace(dtype="bfloat16")).apply({"params": params}, ids, mask)
+    emb32 = EmbeddingModel(base).apply({"params": params}, ids, mask)
+    assert emb16.dtype == jnp.float32
+    cos = jnp.sum(emb16 * emb32, -1) / jnp.linalg.norm(emb16, axis=-1) / jnp.linalg.norm(emb32, axis=-1)
+    assert float(jnp.min(cos)) > 0.99
+
+
+def test_dropout_only_when_not_deterministic():
+    cfg = get_model_config("tiny-bert", vocab_size=64, dropout_rate=0.1, attention_dropout_rate=0.1)
+    model = EmbeddingModel(cfg)
+    ids, mask = _inputs()
+    params = model.init(jax.random.key(0), ids, mask)["params"]
+    a = model.apply({"params": params}, ids, mask)
+    b = model.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    c = model.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(a, b) and np.array_equal(b, c)
+    np.testing.assert_array_equal(a, model.apply({"params": params}, ids, mask))
+
+
+def test_padding_does_not_change_embeddings():
+    # Local layers with padding queries far from any real token must stay finite and inert.
+    cfg = get_model_config("tiny", vocab_size=64)
+    model = EmbeddingModel(cfg)
+    ids, mask = _inputs(lengths=(3,))
+    params = model.init(jax.random.key(0), ids, mask)["params"]
+    padded_ids = jnp.pad(ids, ((0, 0), (0, 13)))
+    padded_mask = jnp.pad(mask, ((0, 0), (0, 13)))
+    short = model.apply({"params": params}, ids, mask)
+    long = model.apply({"params": params}, padded_ids, padded_mask)
+    np.testing.assert_allclose(long, short, atol=1e-5)
+    assert np.isfinite(np.asarray(long)).all()
