@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from embedder.synth.mining import mine_hard_negatives_file
     from embedder.train.loop import train
 
     workdir = pathlib.Path(args.workdir)
@@ -77,10 +76,8 @@ def main(argv=None) -> int:
     mined = workdir / "mined_negatives.jsonl"
     if not mined.exists():
         cfg = _load_config("finetune", quick)
-        mine_hard_negatives_file(
-            model_path=str(stage1_dir), in_file=str(REPO / "data/debian/train_pairs.jsonl.gz"),
-            out_file=str(mined), num_negatives=cfg.data.num_negatives, task="search result",
-            limit=cfg.data.get("max_records") or None)
+        mine_debian_negatives(stage1_dir, mined, num_negatives=cfg.data.num_negatives,
+                              limit=2000 if args.quick else None)
 
     stage2_dir = workdir / "2_finetune"
     overrides = dict(quick)
@@ -102,11 +99,39 @@ def main(argv=None) -> int:
     return 0
 
 
+def mine_debian_negatives(model_dir, out_file, *, num_negatives: int, limit=None) -> dict:
+    """Hard negatives for the shipped training pairs, mined with the model in `model_dir`."""
+    import collections
+
+    from embedder.inference import Embedder
+    from embedder.synth.negatives import MiningConfig, mine_negatives
+    from embedder.synth.records import read_pairs
+
+    # The evaluation corpus has no titles: drop the package-name title read_pairs derives, so
+    # training documents look like evaluation documents ("title: none | text: ...").
+    records = [{k: v for k, v in r.items() if k != "title"}
+               for r in read_pairs(REPO / "data/debian/train_pairs.jsonl.gz", strict=True)]
+    if limit:
+        records = records[:limit]
+    encoder = Embedder.load(model_dir)
+    counts = collections.Counter()
+    tmp = pathlib.Path(str(out_file) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in mine_negatives(records, encoder, config=MiningConfig(num_negatives=num_negatives),
+                                  task="search result", miner_name=str(model_dir), batch_size=256,
+                                  counts=counts):
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.rename(out_file)  # only a complete file counts as mined
+    logging.info("mined %d hard negatives for %d pairs: %s", num_negatives, len(records), dict(counts))
+    return dict(counts)
+
+
 def _with_mined(datasets, mined_file: str):
     out = []
     for d in datasets:
         d = dict(d)
         if d.get("name") == "debian_pairs":
+            d["builder"] = "jsonl"
             d["files"] = [mined_file]
         out.append(d)
     return out
@@ -124,7 +149,8 @@ def _first_eval(run_dir: pathlib.Path) -> dict:
 def _plot(workdir: pathlib.Path, run_dirs) -> None:
     from embedder.evaluate.plots import plot_stages
 
-    plot_stages([d / "metrics.jsonl" for d in run_dirs], workdir / "plots")
+    plot_stages([d / "metrics.jsonl" for d in run_dirs], workdir / "plots",
+                labels=["pre-finetune", "finetune"])
 
 
 if __name__ == "__main__":

@@ -54,9 +54,15 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if _DISTRIBUTED.value:
         _initialize_distributed()
-    from embedder.train.loop import train
+    from embedder.data.records import BadRecordError
+    from embedder.train.loop import NonFiniteLossError, train
 
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (BadRecordError, NonFiniteLossError) as e:
+        # A data or divergence problem, not a bug: one clear line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
         root.setLevel(logging.INFO)
+    # Orbax and grain log every save/read step at INFO through absl; keep their warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _batch_key(batch: dict) -> tuple:
@@ -167,7 +169,8 @@ class Trainer:
             keep_best_metric=config.eval.best_metric or None,
             async_save=config.checkpoint.async_save)
 
-        example = self.data.example_batch_shapes()
+        # Parameters do not depend on the batch; one query-length row traces init.
+        example = {"query_ids": (1, int(config.data.query_max_length))}
         with jax.set_mesh(self.mesh):
             self.state, self.state_shardings = create_train_state(
                 self.model, self.optimizer, jax.random.key(config.seed), self.mesh, self.rules, example)
@@ -181,15 +184,16 @@ class Trainer:
 
     # -- state -------------------------------------------------------------
     def restore_or_init(self) -> int:
-        latest = self.ckpt.latest_step()
-        if latest is not None:
+        if self.ckpt.latest_step() is not None:
             abstract = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
                 self.state_shardings)
-            self.state, data_state, _ = self.ckpt.restore(latest, abstract)
+            # No explicit step: the checkpointer falls back past corrupt latest steps.
+            self.state, data_state, _ = self.ckpt.restore(abstract_state=abstract)
             self.data.set_state(data_state)
-            log.info("resumed from step %d in %s", latest, self.workdir)
-            return latest
+            step = int(jax.device_get(self.state.step))
+            log.info("resumed from step %d in %s", step, self.workdir)
+            return step
         if self.config.init_from:
             params = _load_init_params(self.config.init_from, self.state_shardings)
             self.state = self.state.replace(params=params)
@@ -216,7 +220,7 @@ class Trainer:
         from embedder.inference import Embedder
 
         dims = tuple(self.config.eval.dims) or tuple(self.config.loss.dims)
-        encoder = Embedder(self.state.params, self.spec, mesh=self.mesh)
+        encoder = Embedder(self.state.params, self.spec, tokenizer=self.tokenizer)
         t0 = time.time()
         results = evaluate_tasks(encoder, tasks, dims=dims, batch_size=self.config.eval.batch_size,
                                  max_queries=self.config.eval.max_queries or None)
@@ -265,7 +269,7 @@ class Trainer:
             elapsed = max(time.time() - t_window, 1e-9)
             row = {f"train/{k}": float(np.asarray(v)) for k, v in last_m.items() if np.ndim(v) == 0}
             row["train/examples_per_sec"] = rows_window / elapsed
-            for reason, count in self.data.skip_counts().items():
+            for reason, count in self.data.skip_counts.items():
                 row[f"data/skipped/{reason}"] = count
             writer.write(last_s, row)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
@@ -302,10 +306,11 @@ class Trainer:
         self.ckpt.wait()
         if not preempted:
             last_eval = self.evaluate(step, writer) if cfg.eval.tasks else {}
-            if cfg.checkpoint.export_params and self.is_main:
+            if cfg.checkpoint.export_params:
                 from embedder.checkpoint import save_params
 
-                save_params(self.workdir / "export", jax.device_get(self.state.params), self.spec)
+                # Every process takes part (Orbax synchronises); process 0 writes the JSON.
+                save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True)
             self._plots()
         writer.close()
         self.ckpt.close()

@@ -1,0 +1,70 @@
+"""The demo: a tiny from-scratch Gemma-style encoder, the two-stage recipe on the shipped Debian data.
+
+`make demo` runs all of it (stage 1, hard-negative mining, stage 2, before/after
+table, plots) through `python -m embedder.demo --workdir workdir/demo`. Each
+stage is also a plain training run:
+
+    python -m embedder.train --config experiments/demo.py:prefinetune --workdir workdir/demo/1_prefinetune
+    python -m embedder.train --config experiments/demo.py:finetune --workdir workdir/demo/2_finetune \
+        --config.init_from=workdir/demo/1_prefinetune
+
+`prefinetune`: (synopsis, description) pairs, no hard negatives, a large batch
+through the gradient cache. `finetune`: the same pairs with mined hard
+negatives (the demo driver points `data.datasets` at the mined file),
+task-homogeneous batches, a smaller learning rate.
+"""
+
+import pathlib
+
+from embedder.train.config import base_config, model_config_dict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TASKS = REPO / "data" / "debian" / "tasks"
+
+
+def get_config(arg: str = "prefinetune"):
+    if arg not in ("prefinetune", "finetune"):
+        raise ValueError(f"experiments/demo.py: unknown stage {arg!r}; use :prefinetune or :finetune")
+    c = base_config()
+    c.seed = 0
+    c.model = model_config_dict(
+        "tiny", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=256,
+        layer_types=("local", "global", "local", "global"), sliding_window=32, query_pre_attn_scalar=32.0,
+        projection_dims=(256, 64), mrl_dims=(64, 32, 16))
+    c.tokenizer.file = "debian_sp8k.model"
+    c.tokenizer.max_length = 128
+    c.loss.dims = (64, 32, 16)
+    c.loss.temperature = 0.05
+
+    c.data.datasets = [{"name": "debian_pairs", "builder": "debian", "task": "search result", "weight": 1.0}]
+    c.data.query_max_length = 32
+    c.data.document_max_length = 96
+    c.data.query_length_buckets = (16, 32)
+    c.data.document_length_buckets = (48, 96)
+
+    c.eval.tasks = tuple(str(TASKS / t) for t in
+                         ("debian_retrieval", "debian_section_classification", "debian_section_clustering"))
+    c.eval.dims = (64, 16)
+    c.eval.every_steps = 0
+    c.checkpoint.every_steps = 50
+    c.checkpoint.max_to_keep = 2
+
+    if arg == "prefinetune":
+        c.batch_size = 256
+        c.grad_cache_chunks = 4
+        c.total_steps = 150
+        c.data.mode = "mixed"
+        c.data.num_negatives = 0
+        c.optimizer.learning_rate = 2e-3
+        c.optimizer.warmup_steps = 15
+    else:
+        c.batch_size = 64
+        c.grad_cache_chunks = 0
+        c.total_steps = 150
+        c.data.mode = "homogeneous"
+        c.data.num_negatives = 1
+        c.loss.hardness_alpha = 0.0
+        c.optimizer.learning_rate = 5e-4
+        c.optimizer.warmup_steps = 10
+        c.eval.at_start = False
+    return c

@@ -1,0 +1,36 @@
+"""Bring your own data: train the default small encoder on any JSONL file(s) of records.
+
+    python -m embedder.train --config experiments/jsonl.py:PATH[,PATH...] --workdir DIR \
+        [--config.total_steps=1000 --config.batch_size=128 ...]
+
+Each line: {"query": ..., "positive": ..., "negatives": [...], "task": ..., "title": ...}
+(`negatives`, `task`, `title` optional). Bad records stop the run with
+`FILE:LINE: what is wrong (how to fix)`; `--config.data.on_bad_record=skip`
+skips and counts them instead. Hard negatives are used when records have them
+(`--config.data.num_negatives=K`).
+"""
+
+import pathlib
+
+from embedder.train.config import base_config, model_config_dict
+
+
+def get_config(arg: str = ""):
+    if not arg:
+        raise ValueError("experiments/jsonl.py needs the data file(s): --config experiments/jsonl.py:PATH[,PATH...]")
+    files = [str(pathlib.Path(p).expanduser()) for p in arg.split(",") if p]
+    c = base_config()
+    c.model = model_config_dict(
+        "tiny", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=256,
+        layer_types=("local", "global", "local", "global"), sliding_window=32, query_pre_attn_scalar=32.0,
+        projection_dims=(256, 64), mrl_dims=(64, 32, 16))
+    c.loss.dims = (64, 32, 16)
+    c.batch_size = 64
+    c.total_steps = 200
+    c.data.datasets = [{"name": pathlib.Path(files[0]).name.split(".")[0] or "data", "builder": "jsonl",
+                        "files": files, "task": "search result", "weight": 1.0}]
+    c.data.query_max_length = 64
+    c.data.document_max_length = 128
+    c.data.num_negatives = 0
+    c.eval.tasks = ()
+    return c
