@@ -16,6 +16,12 @@ See method.md ("Loss") for the formula. Masking rules, in one place:
 * Same-tower columns `q_j` (j != i) use the in-batch mask; `q_i` never counts.
 * A row whose denominator ends up empty (only possible with `literal_mask`)
   contributes 0: there is nothing to contrast it with.
+
+Hardness weighting adds `alpha * stop_gradient(cos)` to every kept hard-negative
+logit (own and, with `global_hard_negatives`, other rows'); in-batch and
+same-tower columns are never reweighted. The spread-out regulariser follows
+EmbeddingGemma literally (all pairs i != j, duplicates included: identical
+texts add a constant with zero gradient).
 """
 
 from __future__ import annotations
