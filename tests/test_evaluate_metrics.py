@@ -24,6 +24,10 @@ def test_exact_top_k_matches_full_sort_with_small_blocks():
         assert list(idx[i]) == expected
         np.testing.assert_allclose(scores[i], [full[j] for j in expected], rtol=1e-5, atol=1e-5)
     assert list(idx[3][:2]) == [7, 50]
+    # k larger than a corpus block: the running best must carry across blocks
+    _, idx30 = exact_top_k(q, c, 30, query_block=5, corpus_block=16)
+    np.testing.assert_array_equal(idx30, exact_top_k(q, c, 30)[1])
+    np.testing.assert_array_equal(idx30[:, :10], idx)
     s_all, i_all = exact_top_k(q, c, 1000)
     assert i_all.shape == (13, 101)
 

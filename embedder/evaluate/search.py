@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block: int = 1024,
-                corpus_block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block: int = 512,
+                corpus_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Top-k corpus rows by dot product for each query row.
 
     Returns `(scores, indices)`, each `[Q, min(k, N)]`, best first; equal scores keep
