@@ -186,9 +186,11 @@ def test_cli_help_bad_flags_bad_task_and_a_run(tmp_path, task_dirs, monkeypatch,
     assert "exceed the model's output dim 16" in capsys.readouterr().err
     out = tmp_path / "res" / "r.json"
     rc = main(["--model", "mymodel", "--task", str(task_dirs["sts"]), "--task", str(task_dirs["reranking"]),
-               "--dims", "16,8", "--out", str(out), "--batch_size", "8"])
+               "--dims", "16,8", "--out", str(out), "--batch_size", "8",
+               "--plot", str(tmp_path / "dims.png")])
     assert rc == 0 and loaded == ["m", "mymodel"]
     printed = capsys.readouterr().out
     assert "Toysts" in printed and "spearman" in printed and "Toyreranking" in printed
+    assert (tmp_path / "dims.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads(out.read_text())
     assert saved["dims"] == [16, 8] and set(saved["results"]["Toysts"]["dims"]) == {"16", "8"}

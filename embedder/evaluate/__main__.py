@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=_dims, default=None, help="comma-separated MRL dims, e.g. 768,256 "
                    "(default: the model's full output dim)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON here")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="write a score-vs-dim plot here")
     p.add_argument("--batch_size", type=_positive, default=64, help="encoding batch size (default 64)")
     p.add_argument("--top_k", type=_positive, default=1000, help="retrieval depth for MAP (default 1000)")
     p.add_argument("--seeds", type=_positive, default=5,
@@ -88,6 +89,10 @@ def main(argv=None) -> int:
                    "results": results}
         out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {out}")
+    if args.plot:
+        from embedder.evaluate.plots import plot_score_vs_dim
+
+        print(f"wrote {plot_score_vs_dim(results, args.plot)}")
     return 0
 
 
