@@ -55,12 +55,12 @@ def main(argv):
     if _DISTRIBUTED.value:
         _initialize_distributed()
     from embedder.data.records import BadRecordError
-    from embedder.train.loop import NonFiniteLossError, train
+    from embedder.train.loop import ConfigError, NonFiniteLossError, train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (BadRecordError, NonFiniteLossError) as e:
-        # A data or divergence problem, not a bug: one clear line, no traceback.
+    except (BadRecordError, ConfigError, NonFiniteLossError) as e:
+        # A data, config or divergence problem, not a bug: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

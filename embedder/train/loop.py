@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import time
@@ -26,6 +27,40 @@ log = logging.getLogger("embedder.train")
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss becomes NaN or infinite; the last good checkpoint is kept."""
+
+
+class ConfigError(ValueError):
+    """A train config that cannot run; the message names the field and the fix."""
+
+
+# Test hook: SIGKILL this process right after the async save of this step has started, so
+# tests can kill a run in the middle of a save deterministically. Unset in real runs.
+_KILL_DURING_SAVE_ENV = "EMBEDDER_TEST_SIGKILL_DURING_SAVE"
+# Scalars that must stay finite: a NaN gradient norm means the update already poisoned the
+# parameters even when this step's loss (computed before the update) was finite.
+_MUST_BE_FINITE = ("loss", "grad_norm")
+
+
+def check_config(config) -> None:
+    """Rejects loop settings that cannot work, before any data is prepared or compiled."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    total = int(config.total_steps)
+    need(total >= 1, f"config.total_steps={total} must be >= 1")
+    need(int(config.batch_size) >= 1, f"config.batch_size={config.batch_size} must be >= 1")
+    need(int(config.log_every) >= 1, f"config.log_every={config.log_every} must be >= 1 (1 logs every step)")
+    need(int(config.checkpoint.every_steps) >= 1,
+         f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1 "
+         f"(a value >= total_steps saves only at the end)")
+    need(int(config.eval.every_steps) >= 0,
+         f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: evaluate only at the end)")
+    warmup = int(config.optimizer.warmup_steps)
+    # An error rather than a silent clamp: a clamped warmup changes the schedule of every step.
+    need(0 <= warmup <= total,
+         f"config.optimizer.warmup_steps={warmup} is outside [0, total_steps={total}]; "
+         f"set --config.optimizer.warmup_steps={min(max(warmup, 0), total)} or raise --config.total_steps")
 
 
 class _Preemption:
@@ -52,17 +87,28 @@ class _Preemption:
 
 
 class MetricsWriter:
-    """Appends metrics to `metrics.jsonl` and TensorBoard (process 0 only)."""
+    """Appends metrics to `metrics.jsonl` and TensorBoard (process 0 only).
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    `resume_step`: the step a resumed run starts from. Rows logged after it by the
+    interrupted run (and a line cut short by a kill) are dropped from `metrics.jsonl`,
+    and TensorBoard is told to purge its events after it, so a resumed run's steps
+    appear once.
+    """
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._tb = None
         if enabled:
-            self._file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+            path = workdir / "metrics.jsonl"
+            if path.exists():
+                _truncate_metrics(path, resume_step)
+            self._file = open(path, "a", encoding="utf-8")
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+                # Events at steps >= purge_step from earlier event files are hidden.
+                purge = resume_step + 1 if resume_step > 0 else None
+                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
             except ImportError:  # TensorBoard is optional
                 self._tb = None
 
@@ -81,6 +127,58 @@ class MetricsWriter:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Keeps the rows of `path` at steps <= `last_step`; drops unparsable (cut) lines."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        log.info("metrics.jsonl: dropped %d row(s) logged after step %d by the interrupted run",
+                 dropped, last_step)
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """A kill mid-write leaves the old file, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _flat_diff(old, new, prefix="") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _flat_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _write_config_json(workdir: pathlib.Path, cfg: dict) -> None:
+    path = workdir / "config.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        changed = _flat_diff(previous, cfg) if isinstance(previous, dict) else []
+        if changed:
+            # Each checkpoint step keeps the config it was saved with (item `config`).
+            log.warning("config.json: this run's config differs from the workdir's previous one in %s; "
+                        "overwriting (a resumed run then differs from an uninterrupted one)",
+                        ", ".join(changed[:20]) + (" ..." if len(changed) > 20 else ""))
+    _write_atomic(path, json.dumps(cfg, indent=1, sort_keys=True))
 
 
 def _setup_logging() -> None:
@@ -152,7 +250,7 @@ class Trainer:
         if self.is_main:
             cfg = json.loads(config_to_json(config))
             cfg["model_spec"] = self.spec
-            (self.workdir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+            _write_config_json(self.workdir, cfg)
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.logical_rules(config)
@@ -178,22 +276,40 @@ class Trainer:
                                             min_size=config.sharding.check_min_size)
         step_fn = make_train_step(self.model, config.loss, self.optimizer,
                                   grad_cache_chunks=config.grad_cache_chunks)
-        self.jitted = jit_train_step(step_fn, self.state_shardings, self.mesh)
+        # The config's rules, not whatever is active at trace time, constrain activations.
+        self.jitted = jit_train_step(step_fn, self.state_shardings, self.mesh, rules=self.rules)
         self._compiled: dict[tuple, Any] = {}
+        self.compile_seconds = 0.0   # kept out of examples/s
         self.base_key = jax.random.key(config.seed + 1)
 
     # -- state -------------------------------------------------------------
     def restore_or_init(self) -> int:
-        if self.ckpt.latest_step() is not None:
+        if self.ckpt.all_steps():
             abstract = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
                 self.state_shardings)
-            # No explicit step: the checkpointer falls back past corrupt latest steps.
-            self.state, data_state, _ = self.ckpt.restore(abstract_state=abstract)
-            self.data.set_state(data_state)
-            step = int(jax.device_get(self.state.step))
-            log.info("resumed from step %d in %s", step, self.workdir)
-            return step
+            try:
+                # No explicit step: the checkpointer skips (and moves aside) corrupt latest steps.
+                state, data_state, _ = self.ckpt.restore(abstract_state=abstract)
+            except FileNotFoundError as e:
+                # Every step was unusable and has been moved aside, so fresh saves can take
+                # their step numbers; training starts over.
+                log.warning("no usable checkpoint, starting from scratch: %s", e)
+            else:
+                step = int(jax.device_get(state.step))
+                if int(data_state.get("step", -1)) != step:
+                    raise RuntimeError(
+                        f"checkpoint step {step} in {self.ckpt.directory} holds data-iterator state for "
+                        f"step {data_state.get('step')}; it cannot resume exactly. Move that step "
+                        "directory aside to resume from the previous one")
+                if step > int(self.config.total_steps):
+                    raise ConfigError(
+                        f"{self.workdir} holds a checkpoint at step {step}, past config.total_steps="
+                        f"{self.config.total_steps}; raise --config.total_steps or use a fresh --workdir")
+                self.state = state
+                self.data.set_state(data_state)
+                log.info("resumed from step %d in %s", step, self.workdir)
+                return step
         if self.config.init_from:
             params = _load_init_params(self.config.init_from, self.state_shardings)
             self.state = self.state.replace(params=params)
@@ -207,7 +323,9 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 lowered = self.jitted.lower(self.state, batch, self.base_key)
                 self._compiled[key] = lowered.compile()
-            log.info("compile took %.1fs", time.time() - t0)
+            seconds = time.time() - t0
+            self.compile_seconds += seconds
+            log.info("compile took %.1fs", seconds)
             _log_memory(self._compiled[key], key)
         return self._compiled[key]
 
@@ -237,83 +355,117 @@ class Trainer:
     def run(self) -> dict:
         from tqdm import tqdm
 
+        # SIGTERM from here on turns into a clean stop at the next step boundary.
+        with _Preemption() as preemption:
+            start = self.restore_or_init()
+            writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=start)
+            bar = tqdm(total=int(self.config.total_steps), initial=start, desc="train", unit="step",
+                       disable=not self.is_main, dynamic_ncols=True)
+            try:
+                return self._train(start, writer, bar, preemption)
+            finally:
+                bar.close()
+                # Also on a NaN stop or any error: in-flight async saves (the last good
+                # checkpoints) must reach the disk before the process exits.
+                self.ckpt.wait()
+                writer.close()
+                self.data.close()
+                self.ckpt.close()
+
+    def _save(self, step: int, metrics: dict | None) -> None:
+        data_state = self.data.get_state()
+        # The iterator must have handed out exactly `step` batches, or a resumed run
+        # would see different data than an uninterrupted one.
+        if int(data_state["step"]) != step:
+            raise RuntimeError(f"internal error: saving train step {step} with the data iterator at "
+                               f"step {data_state['step']}")
+        started = self.ckpt.save(step, self.state, data_state, self.config.to_dict(), metrics=metrics,
+                                 force=True)
+        if started and os.environ.get(_KILL_DURING_SAVE_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _train(self, start: int, writer: MetricsWriter, bar, preemption: _Preemption) -> dict:
         cfg = self.config
-        start = self.restore_or_init()
-        writer = MetricsWriter(self.workdir, enabled=self.is_main)
-        eval_every = cfg.eval.every_steps
+        total = int(cfg.total_steps)
+        eval_every = int(cfg.eval.every_steps)
+        save_every = int(cfg.checkpoint.every_steps)
+        has_tasks = bool(cfg.eval.tasks)
         last_eval: dict[str, float] = {}
-        if start == 0 and cfg.eval.at_start:
-            last_eval = self.evaluate(0, writer)
+        evaluated_at = None
+        if start == 0 and cfg.eval.at_start and has_tasks:
+            last_eval, evaluated_at = self.evaluate(0, writer), 0
         pending: list[tuple[int, dict]] = []   # device metrics not yet fetched (no host sync per step)
         last_good_step = start
-        t_window, rows_window = time.time(), 0
-        bar = tqdm(total=cfg.total_steps, initial=start, desc="train", disable=not self.is_main,
-                   dynamic_ncols=True)
+        window = {"time": time.time(), "rows": 0, "compile": self.compile_seconds}
         step = start
-        preempted = False
 
         def flush() -> dict:
-            nonlocal t_window, rows_window, last_good_step
+            nonlocal last_good_step
             if not pending:
                 return {}
             fetched = jax.device_get([m for _, m in pending])
             for (s, _), m in zip(pending, fetched):
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
+                bad = {k: float(m[k]) for k in _MUST_BE_FINITE if k in m and not math.isfinite(float(m[k]))}
+                if bad:
+                    self.ckpt.wait()   # so the message names a checkpoint that is on disk
+                    latest = self.ckpt.latest_step()
+                    kept = (f"The last good checkpoint (step {latest}) is kept in {self.ckpt.directory}"
+                            if latest is not None else "No checkpoint was saved before it")
+                    what = ", ".join(f"{k} is {v}" for k, v in bad.items())
                     raise NonFiniteLossError(
-                        f"loss is {loss} at step {s}; stopping. The last good checkpoint "
-                        f"(step {self.ckpt.latest_step()}) is kept in {self.workdir / 'checkpoints'}. "
-                        "Lower optimizer.learning_rate, raise loss.temperature, or enable "
-                        "optimizer.grad_clip_norm, then rerun to resume from it.")
+                        f"{what} at step {s}; stopping. {kept}. Lower optimizer.learning_rate, raise "
+                        "loss.temperature, or enable optimizer.grad_clip_norm, then rerun to resume from it.")
             last_s, last_m = pending[-1][0], fetched[-1]
-            elapsed = max(time.time() - t_window, 1e-9)
+            # Compilation inside the window is not training throughput.
+            compile_in_window = self.compile_seconds - window["compile"]
+            elapsed = max(time.time() - window["time"] - compile_in_window, 1e-9)
             row = {f"train/{k}": float(np.asarray(v)) for k, v in last_m.items() if np.ndim(v) == 0}
-            row["train/examples_per_sec"] = rows_window / elapsed
+            row["train/examples_per_sec"] = window["rows"] / elapsed
             for reason, count in self.data.skip_counts.items():
                 row[f"data/skipped/{reason}"] = count
             writer.write(last_s, row)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
             pending.clear()
-            t_window, rows_window = time.time(), 0
+            window.update(time=time.time(), rows=0, compile=self.compile_seconds)
             last_good_step = last_s
             return row
 
-        with _Preemption() as preemption:
-            while step < cfg.total_steps:
-                host_batch = next(self.data)
-                batch = sharding.host_to_global(host_batch, self.mesh)
-                compiled = self.compiled_step(batch)
-                rng = jax.random.fold_in(self.base_key, step)
-                self.state, metrics = compiled(self.state, batch, rng)
-                step += 1
-                rows_window += cfg.batch_size
-                pending.append((step, metrics))
-                bar.update(1)
-                save_now = step % cfg.checkpoint.every_steps == 0 or step == cfg.total_steps
-                eval_now = eval_every and step % eval_every == 0 and step != cfg.total_steps
-                if step % cfg.log_every == 0 or save_now or eval_now or preemption.requested:
-                    flush()
-                if eval_now:
-                    last_eval = self.evaluate(step, writer)
-                if save_now or preemption.requested:
-                    self.ckpt.save(step, self.state, self.data.get_state(), cfg.to_dict(),
-                                   metrics=last_eval or None, force=preemption.requested)
-                if preemption.requested:
-                    log.warning("SIGTERM received: saved step %d, exiting", step)
-                    preempted = True
-                    break
-        bar.close()
-        self.ckpt.wait()
-        if not preempted:
-            last_eval = self.evaluate(step, writer) if cfg.eval.tasks else {}
+        while step < total and not preemption.requested:
+            host_batch = next(self.data)
+            batch = sharding.host_to_global(host_batch, self.mesh)
+            compiled = self.compiled_step(batch)
+            rng = jax.random.fold_in(self.base_key, step)
+            self.state, metrics = compiled(self.state, batch, rng)
+            step += 1
+            window["rows"] += cfg.batch_size
+            pending.append((step, metrics))
+            bar.update(1)
+            stopping = preemption.requested
+            save_now = step % save_every == 0 or step == total or stopping
+            # The final evaluation happens before the final save so that step's checkpoint
+            # carries its own metrics (best-checkpoint tracking).
+            eval_now = has_tasks and ((eval_every and step % eval_every == 0) or step == total)
+            if step % cfg.log_every == 0 or save_now or eval_now:
+                flush()
+            if eval_now:
+                last_eval, evaluated_at = self.evaluate(step, writer), step
+            if save_now:
+                # Metrics only of this step's own evaluation: an older one would credit this
+                # checkpoint with another step's quality.
+                self._save(step, last_eval if evaluated_at == step else None)
+        flush()
+        preempted = preemption.requested and step < total
+        if preempted:
+            log.warning("SIGTERM received: saved step %d, exiting; rerun the same command to resume", step)
+        else:
+            if has_tasks and evaluated_at != step:   # a resumed run that had already finished
+                last_eval = self.evaluate(step, writer)
             if cfg.checkpoint.export_params:
                 from embedder.checkpoint import save_params
 
                 # Every process takes part (Orbax synchronises); process 0 writes the JSON.
                 save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True)
             self._plots()
-        writer.close()
-        self.ckpt.close()
         return {"step": step, "preempted": preempted, "eval": last_eval, "last_good_step": last_good_step}
 
     def _plots(self) -> None:
@@ -330,5 +482,6 @@ class Trainer:
 def train(config, workdir) -> dict:
     """Trains the experiment `config` in `workdir`, resuming if it holds checkpoints."""
     _setup_logging()
+    check_config(config)
     trainer = Trainer(config, workdir)
     return trainer.run()
