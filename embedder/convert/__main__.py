@@ -1,4 +1,4 @@
-"""`python -m embedder.convert from-hf SRC_DIR DST_DIR` (subcommands dispatch here)."""
+"""`python -m embedder.convert from-hf SRC_DIR DST_DIR | to-hf SRC DST_DIR` (subcommands dispatch here)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def _from_hf(args) -> None:
     print(f"wrote parameter export {out}")
 
 
+def _to_hf(args) -> None:
+    from embedder.convert.to_hf import convert_to_hf
+
+    out = convert_to_hf(args.src, args.dst, overwrite=args.overwrite)
+    print(f"wrote Hugging Face / sentence-transformers folder {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m embedder.convert",
                      description="Convert between Hugging Face folders and embedder parameter exports.")
@@ -31,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST_DIR", help="output directory for the parameter export")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in DST_DIR")
     p.set_defaults(func=_from_hf)
+    p = sub.add_parser("to-hf", help="any saved model -> transformers / sentence-transformers folder",
+                       description="Write a workdir, checkpoint step, parameter export, soup or HF folder "
+                                   "as a folder that transformers and sentence-transformers load as-is.")
+    p.add_argument("src", metavar="SRC", help="workdir, checkpoint step dir, parameter export or soup")
+    p.add_argument("dst", metavar="DST_DIR", help="output directory for the Hugging Face folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST_DIR")
+    p.set_defaults(func=_to_hf)
     return parser
 
 
@@ -38,10 +52,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("a subcommand is required: from-hf")
+        parser.error("a subcommand is required: from-hf or to-hf")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {e}\n")
         return 1
     return 0

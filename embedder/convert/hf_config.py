@@ -117,3 +117,64 @@ def config_from_hf(hf: dict, *, projection_dims=(), mrl_dims=(), **overrides) ->
     fields.update(projection_dims=tuple(projection_dims), mrl_dims=tuple(mrl_dims))
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+_HF_ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _gemma_model_type(cfg: ModelConfig) -> str:
+    # The norms a config has tell the generation apart, as `_gemma` set them on import.
+    if cfg.use_qk_norm:
+        return "gemma3_text"
+    return "gemma2" if (cfg.use_post_attn_norm or cfg.use_post_ffw_norm) else "gemma"
+
+
+def config_to_hf(cfg: ModelConfig, *, max_position_embeddings: int = 2048,
+                 special_ids: dict | None = None) -> dict[str, Any]:
+    """The transformers `config.json` dict of our config: BertModel, GemmaModel, Gemma2Model or
+    Gemma3TextModel (bidirectional). The inverse of `config_from_hf` on the fields we model."""
+    if cfg.family == "bert":
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
+        return {
+            "architectures": ["BertModel"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.mlp_dim, "hidden_act": act,
+            "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,
+            "hidden_dropout_prob": cfg.dropout_rate,
+            "attention_probs_dropout_prob": cfg.attention_dropout_rate,
+            "position_embedding_type": "absolute", "initializer_range": 0.02, "dtype": cfg.param_dtype}
+    model_type = _gemma_model_type(cfg)
+    types = ["sliding_attention" if t == "local" else "full_attention" for t in cfg.layer_types]
+    out = {
+        "architectures": [{"gemma": "GemmaModel", "gemma2": "Gemma2Model",
+                           "gemma3_text": "Gemma3TextModel"}[model_type]],
+        "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_activation": _HF_ACTIVATIONS[cfg.activation],
+        "max_position_embeddings": int(max_position_embeddings), "rms_norm_eps": cfg.norm_eps,
+        "pad_token_id": cfg.pad_token_id, "attention_bias": False,
+        "attention_dropout": cfg.attention_dropout_rate, "tie_word_embeddings": True,
+        "dtype": cfg.param_dtype, "initializer_range": 0.02}
+    out.update(special_ids or {})
+    if model_type == "gemma":
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
+        return out
+    out.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+               attn_logit_softcapping=cfg.attn_logit_softcap,
+               final_logit_softcapping=cfg.final_logit_softcap, layer_types=types)
+    if model_type == "gemma2":
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
+        out["sliding_window"] = cfg.sliding_window or 4096
+        return out
+    full = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
+    if cfg.rope_scale_global != 1.0:
+        full = {"rope_type": "linear", "rope_theta": cfg.rope_base_global, "factor": cfg.rope_scale_global}
+    out["rope_parameters"] = {"full_attention": full,
+                              "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_base_local}}
+    # Inverse of the import: transformers attends |i - j| < sliding_window // 2 + 1 when
+    # bidirectional, so our exclusive bound w is stored as 2 * (w - 1).
+    out["sliding_window"] = 2 * (cfg.sliding_window - 1) if cfg.sliding_window else 512
+    out["use_bidirectional_attention"] = True
+    return out
