@@ -24,7 +24,7 @@ def tok():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipe")
-    a = [{"query": f"alpha query {i}", "positive": f"alpha document {i} " + "word " * (i * 3),
+    a = [{"query": f"alpha query {i}", "positive": f"alpha document {i} " + "word " * ((i * 7) % 40 if i % 4 == 0 else i % 6),
           "negatives": [f"alpha negative {i}.{j}" for j in range(i % 5)]} for i in range(N_A)]
     a[3]["title"] = "A Title"
     a[5]["task"] = "fact checking"
@@ -137,21 +137,74 @@ def test_duplicate_text_same_id_in_batches(files, tok):
     pytest.fail("no batch from dataset b")
 
 
-def test_two_hosts_disjoint_shards_cover_dataset(files, tok):
-    # One dataset, 48 records, 2 hosts x 4 rows: 6 steps are one epoch of each host's 24-record shard.
-    seen = []
-    for pi in (0, 1):
-        it = _it(files, tok, batch=8, pi=pi, pc=2, num_negatives=0,
-                 datasets=[{"name": "a", "files": [str(files[0] / "a.jsonl")]}])
-        queries = []
-        for _ in range(6):
-            batch = next(it)
-            assert batch["query_ids"].shape[0] == 4
-            queries += [tuple(h) for h in batch["query_hash"]]
-        assert len(set(queries)) == 24  # each record once per epoch
-        seen.append(set(queries))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == {tuple(_reference_hash(r["query"])) for r in files[1]}
+def _hosts_batches(files, tok, steps, pc, **kw):
+    """Per step, the batches of `pc` simulated hosts of one run."""
+    its = [_it(files, tok, pi=pi, pc=pc, **kw) for pi in range(pc)]
+    out = [[next(it) for it in its] for _ in range(steps)]
+    return out, its
+
+
+@pytest.mark.parametrize("mode,negatives,batch", [("homogeneous", 3, 8), ("mixed", 1, 12)])
+def test_hosts_slices_concatenate_to_the_one_host_batch(files, tok, mode, negatives, batch):
+    steps = 10
+    kw = dict(batch=batch, seed=3, mode=mode, num_negatives=negatives)
+    single, _ = _hosts_batches(files, tok, steps, 1, **kw)
+    for pc in (2, 4):
+        multi, its = _hosts_batches(files, tok, steps, pc, **kw)
+        for step, ([whole], parts) in enumerate(zip(single, multi)):
+            for key in whole:
+                # Same shapes on every host: the global jax.Array assembly needs it.
+                assert {p[key].shape[1:] for p in parts} == {whole[key].shape[1:]}, (pc, step, key)
+                assert all(p[key].shape[0] == batch // pc for p in parts)
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key],
+                                              err_msg=f"{pc} hosts, step {step}, {key}")
+        # Some slice was padded past its own bucket because another host's row was longer.
+        def own_bucket(p):
+            longest = max(p["positive_mask"].sum(-1).max(), p["negative_mask"].sum(-1).max())
+            return min(b for b in (16, 32, 48) if b >= longest)
+
+        assert any(own_bucket(p) < p["positive_ids"].shape[1] for ps in multi for p in ps), pc
+        for it in its:
+            it.close()
+
+
+def test_hosts_rows_are_disjoint_and_an_epoch_covers_the_dataset(files, tok):
+    # One dataset, 48 records, global batch 8: 6 steps are one epoch of the one global order.
+    queries = {0: [], 1: []}
+    kw = dict(batch=8, num_negatives=0, datasets=[{"name": "a", "files": [str(files[0] / "a.jsonl")]}])
+    multi, its = _hosts_batches(files, tok, 12, 2, **kw)
+    for parts in multi[:6]:
+        for pi, p in enumerate(parts):
+            assert p["query_ids"].shape[0] == 4
+            queries[pi] += [tuple(h) for h in p["query_hash"]]
+    assert not set(queries[0]) & set(queries[1])
+    assert len(queries[0] + queries[1]) == 48
+    assert set(queries[0]) | set(queries[1]) == {tuple(_reference_hash(r["query"])) for r in files[1]}
+    # Other hosts' records are read for their lengths at most once each (K=0 here): this host
+    # tokenised its own 24 records of epoch 1, so at most the other 24 are ever read, however
+    # long the run; and fewer, since rows in the top bucket already need no more lengths.
+    for it in its:
+        for _ in range(12):
+            next(it)
+    assert all(0 < it._lengths.records_read <= 24 for it in its), [it._lengths.records_read for it in its]
+    second = [tuple(h) for parts in multi[6:] for p in parts for h in p["query_hash"]]
+    assert second != queries[0] + queries[1] and sorted(second) == sorted(queries[0] + queries[1])
+
+
+def test_resume_on_another_process_count(files, tok):
+    one = _it(files, tok, batch=8, seed=5, mode="mixed", num_negatives=2)
+    for _ in range(4):
+        next(one)
+    state = json.loads(json.dumps(one.get_state()))
+    assert "process_count" not in state
+    expected = [next(one) for _ in range(3)]
+    its = [_it(files, tok, batch=8, seed=5, mode="mixed", num_negatives=2, pi=pi, pc=2) for pi in (0, 1)]
+    for it in its:
+        it.set_state(state)
+    for want in expected:
+        parts = [next(it) for it in its]
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key], err_msg=key)
 
 
 def test_all_hosts_pick_the_same_dataset_each_step(files, tok):
@@ -162,22 +215,25 @@ def test_all_hosts_pick_the_same_dataset_each_step(files, tok):
 
 def test_mixture_proportions():
     steps = 20_000
-    sched = MixtureSchedule([3.0, 1.0, 0.0], seed=1, mode="homogeneous", host_batch=4, process_index=0,
-                            process_count=1)
+    sched = MixtureSchedule([3.0, 1.0, 0.0], seed=1, mode="homogeneous", batch_size=4)
     rows = np.stack([sched.rows_at(s) for s in range(steps)])
     assert set(map(tuple, rows)) == {(4, 0, 0), (0, 4, 0)}  # one dataset per batch; weight 0 never
     frac = (rows[:, 0] > 0).mean()
     assert abs(frac - 0.75) < 4 * np.sqrt(0.75 * 0.25 / steps)
     np.testing.assert_array_equal(sched.consumed_before(steps), rows.sum(0))
     np.testing.assert_array_equal(sched.consumed_before(1500), rows[:1500].sum(0))
-    mixed = MixtureSchedule([1.0, 1.0, 2.0], seed=1, mode="mixed", host_batch=16, process_index=1,
-                            process_count=2)
+    mixed = MixtureSchedule([1.0, 1.0, 2.0], seed=1, mode="mixed", batch_size=16)
     rows = np.stack([mixed.rows_at(s) for s in range(5000)])
     assert (rows.sum(1) == 16).all()
+    labels = np.stack([mixed.labels_at(s) for s in range(5000)])
+    np.testing.assert_array_equal(np.stack([np.bincount(x, minlength=3) for x in labels]), rows)
+    # Shuffled within the batch: the first half of a batch is not always the first datasets.
+    assert (np.diff(labels, axis=1) < 0).any(axis=1).mean() > 0.9
+    np.testing.assert_array_equal(sched.labels_at(7), np.full(4, np.flatnonzero(sched.rows_at(7))[0]))
     share = rows.sum(0) / rows.sum()
     np.testing.assert_allclose(share, [0.25, 0.25, 0.5], atol=4 * np.sqrt(0.25 / (16 * 5000)) + 0.002)
     with pytest.raises(ValueError, match="positive sum"):
-        MixtureSchedule([0.0, 0.0], 0, "homogeneous", 4, 0, 1)
+        MixtureSchedule([0.0, 0.0], 0, "homogeneous", 4)
 
 
 def test_mixed_mode_batches(files, tok):

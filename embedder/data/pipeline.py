@@ -31,15 +31,21 @@ rows) and whose `get_state()`/`set_state()` make a resumed run see exactly the s
     max_text_chars      a longer query / positive / negative / title is a bad record
     data_dir            where prepared array_record datasets live ("" -> $TFDS_DATA_DIR or
                         ~/tensorflow_datasets); the train loop may point it into the workdir
-    shuffle             shuffle each host's shard, reshuffled every epoch (seeded)
-
-Each host reads only its contiguous shard of every dataset (`len // process_count` records,
-grain `ShardOptions(process_index, process_count, drop_remainder=True)`). The iterator state
-is the number of batches handed out so far (plus a fingerprint of the data setup), so
-`get_state()` must be taken when the batches of the completed steps have been consumed and
-no more. With a shared `data_dir`, prepare datasets once (one host, or ahead of the job)
-before many hosts open them.
+    shuffle             visit each dataset in a seeded random order, reshuffled every epoch
     prefetch            batches built ahead on a background thread (0 = build on demand)
+
+The batches do not depend on the process count. Each dataset has ONE global order (a seeded
+permutation of all its records per epoch) and `MixtureSchedule` decides, from (seed, step)
+alone, which dataset feeds each row of the global batch; a row's record is the next unused
+position of its dataset's order. Host p of P takes rows [p*B/P, (p+1)*B/P) of every global
+batch and reads only those records (random access), so the hosts' slices, concatenated in
+process order, are exactly the global batch of a 1-process run (until a host has seen a record
+once, it may also read another host's record for its token lengths; see below). All hosts pad to the bucket of
+the global batch's longest row (`global_lengths.GlobalLengths`), so their arrays have one shape.
+The iterator state is the step counter plus a fingerprint of the data setup (no process count:
+a run may resume on another host count); take `get_state()` when the batches of the completed
+steps have been consumed and no more. With a shared `data_dir`, prepare datasets once (one
+host, or ahead of the job) before many hosts open them.
 """
 from __future__ import annotations
 
@@ -54,12 +60,13 @@ import ml_collections
 import numpy as np
 
 from embedder.data.builders import prepare_dataset
+from embedder.data.global_lengths import GlobalLengths
 from embedder.data.mixture import MixtureSchedule
 from embedder.data.prompts import DEFAULT_TASK, Prompts
 from embedder.data.tokenizer import pad_batch
 from embedder.data.text_identity import text_ids
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 # Prefetch threads must stop before interpreter teardown: a daemon thread killed inside the
 # tokenizer's or array_record's C++ code aborts the process ("terminate called ...").
 _LIVE_ITERATORS: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()
@@ -128,19 +135,20 @@ def _derive_seed(*parts) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _host_stream(source, process_index, process_count, shuffle, seed, name):
-    """Infinite, seeded stream of this host's shard of one dataset (random access by position)."""
-    shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-    n = len(source)
-    per_host = n // shard.shard_count
-    if per_host == 0:
-        raise ValueError(f"dataset {name!r} has {n} records, fewer than process_count={process_count}; "
-                         "every host needs at least one record")
-    start = shard.shard_index * per_host
-    ds = grain.MapDataset.source(source)[start:start + per_host]
+def _record_order(n, shuffle, seed, name):
+    """Record index at each position of one dataset's global stream: a seeded permutation of
+    all n records, reshuffled every epoch (grain's shuffle reseeds per epoch under repeat).
+    Nothing here depends on the process count, so every host sees the same order."""
+    if n == 0:
+        raise ValueError(f"dataset {name!r} has no records; check its files or drop it from data_config.datasets")
+    order = grain.MapDataset.range(n)
     if shuffle:
-        ds = ds.shuffle(seed=seed)
-    return ds.repeat(None), per_host
+        order = order.shuffle(seed=seed)
+    return order.repeat(None)
+
+
+def _fit_bucket(buckets, longest: int) -> int:
+    return next(b for b in buckets if b >= max(longest, 1))
 
 
 class TrainIterator:
@@ -159,6 +167,7 @@ class TrainIterator:
         self.host_batch_size = self.global_batch_size // process_count
         self.seed, self.process_index, self.process_count = int(seed), process_index, process_count
         self.mode = data_config.mode
+        self.shuffle = bool(data_config.shuffle)
         self.num_negatives = int(data_config.num_negatives)
         if self.num_negatives < 0:
             raise ValueError(f"data_config.num_negatives={self.num_negatives} must be >= 0")
@@ -169,14 +178,13 @@ class TrainIterator:
         self.document_buckets = _buckets(data_config.document_length_buckets, self.document_max_length,
                                          "document_length_buckets")
         self.schedule = MixtureSchedule([float(e["weight"]) for e in entries], self.seed, self.mode,
-                                        self.host_batch_size, process_index, process_count)
-        self._streams, self.shard_sizes = [], []
-        for i, ds in enumerate(datasets):
-            stream, size = _host_stream(ds.source, process_index, process_count, bool(data_config.shuffle),
-                                        _derive_seed(self.seed, i), ds.name)
-            self._streams.append(stream)
-            self.shard_sizes.append(size)
+                                        self.global_batch_size)
+        self._sources = [grain.MapDataset.source(ds.source) for ds in datasets]
+        self._orders = [_record_order(len(ds.source), self.shuffle, _derive_seed(self.seed, i), ds.name)
+                        for i, ds in enumerate(datasets)]
         self.dataset_sizes = [len(ds.source) for ds in datasets]
+        # Only needed when other hosts' rows decide this host's padded length.
+        self._lengths = GlobalLengths(self) if process_count > 1 else None
         self.skip_counts_by_dataset = {ds.name: dict(ds.skip_counts) for ds in datasets}
         total = collections.Counter()
         for counts in self.skip_counts_by_dataset.values():
@@ -189,9 +197,10 @@ class TrainIterator:
 
     # ---- state -------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
+        # No process count: the batches do not depend on it, so a run may resume on another one.
         return {"datasets": self.dataset_names, "dataset_sizes": self.dataset_sizes,
-                "weights": [float(e["weight"]) for e in self.entries], "seed": self.seed, "mode": self.mode, "global_batch_size": self.global_batch_size,
-                "process_count": self.process_count}
+                "weights": [float(e["weight"]) for e in self.entries], "seed": self.seed, "mode": self.mode,
+                "shuffle": self.shuffle, "global_batch_size": self.global_batch_size}
 
     def get_state(self) -> dict:
         """JSON-able; identical on every host (the schedule is global, positions derive from it)."""
@@ -200,7 +209,8 @@ class TrainIterator:
     def set_state(self, state: dict):
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state {state!r} is not a version-{STATE_VERSION} state "
-                             "from TrainIterator.get_state()")
+                             "from TrainIterator.get_state() (older versions ordered batches differently; "
+                             "start a fresh workdir)")
         mine = self._fingerprint()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
@@ -212,38 +222,57 @@ class TrainIterator:
         self._consumed = self.schedule.consumed_before(self._step)
 
     # ---- batches -----------------------------------------------------------------------------
-    def _rows(self, step, consumed):
-        """[(dataset index, position in its host stream)] for `step`, and the updated counters."""
-        take = self.schedule.rows_at(step)
-        rows = [(d, int(consumed[d]) + j) for d in range(len(take)) for j in range(int(take[d]))]
-        return rows, consumed + take
+    def global_rows(self, step, consumed):
+        """[(dataset, stream position)] of every row of the GLOBAL batch at `step`, in batch order,
+        and the per-dataset counters after it. Host p's rows are the p-th contiguous slice."""
+        labels = self.schedule.labels_at(step)
+        positions = np.empty(len(labels), np.int64)
+        for d in np.unique(labels):
+            where = np.flatnonzero(labels == d)
+            positions[where] = consumed[d] + np.arange(len(where))
+        taken = np.bincount(labels, minlength=len(self.entries))
+        return [(int(d), int(p)) for d, p in zip(labels, positions)], consumed + taken
 
-    def _negatives(self, record, d, pos):
-        negs = record["negatives"]
+    def record_index(self, d: int, pos: int) -> int:
+        """Which record of dataset `d` sits at position `pos` of its global stream."""
+        return int(self._orders[d][pos])
+
+    def negative_picks(self, count: int, d: int, pos: int) -> list[int]:
+        """Which of a record's `count` negatives the row at (d, pos) keeps (a seeded K when more)."""
         k = self.num_negatives
-        if len(negs) > k:
-            rng = np.random.default_rng([self.seed, 0x6E6567, d, pos])
-            negs = [negs[i] for i in sorted(rng.choice(len(negs), size=k, replace=False))]
-        return negs
+        if count <= k:
+            return list(range(count))
+        rng = np.random.default_rng([self.seed, 0x6E6567, d, pos])
+        return sorted(int(i) for i in rng.choice(count, size=k, replace=False))
 
-    def build_batch(self, rows) -> dict:
-        """Tokenises and pads the records at `rows` [(dataset, position)] into one host batch."""
+    def read_records(self, rows) -> list[dict]:
+        """Random-access reads of the records at `rows` [(dataset, position)], batched per dataset."""
         records = [None] * len(rows)
         by_dataset = collections.defaultdict(list)
         for i, (d, pos) in enumerate(rows):
-            by_dataset[d].append((i, pos))
+            by_dataset[d].append((i, self.record_index(d, pos)))
         for d, items in by_dataset.items():
-            stream = self._streams[d]
-            # Batched reads let array_record fetch in parallel (~25% faster than one by one);
-            # `_getitems` is grain's batched path, fall back to plain indexing without it.
-            getitems = getattr(stream, "_getitems", None)
-            positions = [pos for _, pos in items]
-            fetched = getitems(positions) if getitems else [stream[p] for p in positions]
+            # Batched reads let array_record fetch in parallel (~25% faster than one by one).
+            fetched = self._sources[d]._getitems([idx for _, idx in items])
             for (i, _), record in zip(items, fetched):
                 records[i] = record
-        q_prefix = [self.prompts.query_prefix(r["task"] or self.entries[d]["task"])
-                    for r, (d, _) in zip(records, rows)]
-        d_prefix = [self.prompts.document_prefix(r["title"] or None) for r in records]
+        return records
+
+    def query_prefixes(self, records, datasets) -> list[str]:
+        return [self.prompts.query_prefix(r["task"] or self.entries[d]["task"]) for r, d in zip(records, datasets)]
+
+    def document_prefixes(self, records) -> list[str]:
+        return [self.prompts.document_prefix(r["title"] or None) for r in records]
+
+    def build_batch(self, rows, other_rows=()) -> dict:
+        """Tokenises and pads the records at `rows` [(dataset, position)] into one host batch.
+
+        `other_rows` are the rest of the global batch (other hosts' rows): only their token
+        lengths matter, so that every host pads to the same bucket."""
+        records = self.read_records(rows)
+        datasets = [d for d, _ in rows]
+        q_prefix = self.query_prefixes(records, datasets)
+        d_prefix = self.document_prefixes(records)
         queries = [r["query"] for r in records]
         positives = [r["positive"] for r in records]
         q_tok = self.tokenizer.encode(queries, self.query_max_length, q_prefix)
@@ -255,7 +284,7 @@ class TrainIterator:
             neg_hash = np.zeros((len(rows), k, 2), np.uint32)
             empty_prefix = self.prompts.document_prefix(None)
             for i, (r, (d, pos)) in enumerate(zip(records, rows)):
-                negs = self._negatives(r, d, pos)
+                negs = [r["negatives"][j] for j in self.negative_picks(len(r["negatives"]), d, pos)]
                 valid[i, :len(negs)] = True
                 if negs:
                     neg_hash[i, :len(negs)] = text_ids(negs)
@@ -265,8 +294,14 @@ class TrainIterator:
                 doc_prefix += [empty_prefix] * k
         doc_tok = self.tokenizer.encode(doc_texts, self.document_max_length, doc_prefix)
         n = len(rows)
-        q_ids, q_mask = pad_batch(q_tok, self.tokenizer.pad_id, self.query_buckets)
-        d_ids, d_mask = pad_batch(doc_tok, self.tokenizer.pad_id, self.document_buckets)
+        q_longest = max((len(t) for t in q_tok), default=0)
+        d_longest = max((len(t) for t in doc_tok), default=0)
+        if self._lengths is not None:
+            self._lengths.remember(rows, records, q_tok, doc_tok)
+            q_longest, d_longest = self._lengths.global_longest(other_rows, q_longest, d_longest)
+        q_ids, q_mask = pad_batch(q_tok, self.tokenizer.pad_id, (_fit_bucket(self.query_buckets, q_longest),))
+        d_ids, d_mask = pad_batch(doc_tok, self.tokenizer.pad_id,
+                                  (_fit_bucket(self.document_buckets, d_longest),))
         batch["query_ids"], batch["query_mask"] = q_ids, q_mask
         batch["positive_ids"], batch["positive_mask"] = d_ids[:n], d_mask[:n]
         if self.num_negatives:
@@ -277,12 +312,14 @@ class TrainIterator:
             batch["negative_hash"] = neg_hash
         batch["query_hash"] = text_ids(queries)
         batch["positive_hash"] = text_ids(positives)
-        batch["dataset"] = np.array([d for d, _ in rows], np.int32)
+        batch["dataset"] = np.array(datasets, np.int32)
         return batch
 
     def _produce(self, step, consumed):
-        rows, consumed = self._rows(step, consumed)
-        return self.build_batch(rows), consumed
+        rows, consumed = self.global_rows(step, consumed)
+        lo = self.process_index * self.host_batch_size
+        hi = lo + self.host_batch_size
+        return self.build_batch(rows[lo:hi], rows[:lo] + rows[hi:]), consumed
 
     # ---- iteration with an optional prefetch thread -----------------------------------------
     def __iter__(self):
