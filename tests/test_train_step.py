@@ -88,7 +88,8 @@ def run_steps(model, mesh, batches, *, loss=LOSS, opt=OPT, chunks=0, seed=0):
         step = jit_train_step(make_train_step(model, loss, optimizer, grad_cache_chunks=chunks), shardings, mesh)
         compiled = step.lower(state, sharding.host_to_global(batches[0], mesh), jax.random.key(1)).compile()
         first_state = state
-        first_kernel = np.asarray(state.params["up"]["kernel"])
+        # A copy: a zero-copy numpy view would pin the buffer and silently block donation.
+        first_kernel = np.array(state.params["up"]["kernel"]).copy()
         losses = []
         for i, batch in enumerate(batches):
             state, metrics = compiled(state, sharding.host_to_global(batch, mesh), jax.random.fold_in(jax.random.key(1), i))
