@@ -4,10 +4,11 @@ Each host tokenises only its own rows, but `jax.make_array_from_process_local_da
 same shapes on all hosts, so the padded length is the bucket of the longest row of the GLOBAL
 batch. `GlobalLengths` caches each record's token lengths (learnt for free when this host
 tokenises the record as one of its rows) and, for another host's row whose record it has not
-seen, reads and tokenises that record for its lengths only: at most once per record (again only where a later epoch picks other
-hard negatives of it; so a
-host reads at most the records it was not itself given in the first epoch, however long the
-run), and not at all once the rows known so far already reach the largest bucket. Exact: the lengths come from the same tokeniser calls as the batch.
+seen, reads and tokenises that record for its lengths only: at most once per record (again
+only where a later epoch picks other hard negatives of it), so a host reads at most the
+records it was not itself given in the first epoch, however long the run; and not at all
+once the rows known so far already reach the largest bucket. Exact: the lengths come from
+the same tokeniser calls as the batch's.
 """
 from __future__ import annotations
 
