@@ -27,10 +27,7 @@ def get_config(arg: str = "prefinetune"):
         raise ValueError(f"experiments/demo.py: unknown stage {arg!r}; use :prefinetune or :finetune")
     c = base_config()
     c.seed = 0
-    c.model = model_config_dict(
-        "tiny", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=256,
-        layer_types=("local", "global", "local", "global"), sliding_window=32, query_pre_attn_scalar=32.0,
-        projection_dims=(256, 64), mrl_dims=(64, 32, 16))
+    c.model = model_config_dict("small")
     c.tokenizer.file = "debian_sp8k.model"
     c.tokenizer.max_length = 128
     c.loss.dims = (64, 32, 16)
@@ -38,9 +35,9 @@ def get_config(arg: str = "prefinetune"):
 
     c.data.datasets = [{"name": "debian_pairs", "builder": "debian", "task": "search result", "weight": 1.0}]
     c.data.query_max_length = 32
-    c.data.document_max_length = 96
+    c.data.document_max_length = 64
     c.data.query_length_buckets = (16, 32)
-    c.data.document_length_buckets = (48, 96)
+    c.data.document_length_buckets = (32, 64)
 
     c.eval.tasks = tuple(str(TASKS / t) for t in
                          ("debian_retrieval", "debian_section_classification", "debian_section_clustering"))
@@ -50,9 +47,9 @@ def get_config(arg: str = "prefinetune"):
     c.checkpoint.max_to_keep = 2
 
     if arg == "prefinetune":
-        c.batch_size = 256
-        c.grad_cache_chunks = 4
-        c.total_steps = 150
+        c.batch_size = 128
+        c.grad_cache_chunks = 2
+        c.total_steps = 160
         c.data.mode = "mixed"
         c.data.num_negatives = 0
         c.optimizer.learning_rate = 2e-3
@@ -60,7 +57,7 @@ def get_config(arg: str = "prefinetune"):
     else:
         c.batch_size = 64
         c.grad_cache_chunks = 0
-        c.total_steps = 150
+        c.total_steps = 120
         c.data.mode = "homogeneous"
         c.data.num_negatives = 1
         c.loss.hardness_alpha = 0.0

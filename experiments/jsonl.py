@@ -20,10 +20,7 @@ def get_config(arg: str = ""):
         raise ValueError("experiments/jsonl.py needs the data file(s): --config experiments/jsonl.py:PATH[,PATH...]")
     files = [str(pathlib.Path(p).expanduser()) for p in arg.split(",") if p]
     c = base_config()
-    c.model = model_config_dict(
-        "tiny", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=256,
-        layer_types=("local", "global", "local", "global"), sliding_window=32, query_pre_attn_scalar=32.0,
-        projection_dims=(256, 64), mrl_dims=(64, 32, 16))
+    c.model = model_config_dict("small")
     c.loss.dims = (64, 32, 16)
     c.batch_size = 64
     c.total_steps = 200

@@ -152,6 +152,13 @@ _NAMED: dict[str, dict[str, Any]] = {
                  sliding_window=4, rope_base_local=10_000.0, rope_base_global=1_000_000.0,
                  query_pre_attn_scalar=16.0, use_post_attn_norm=True, use_post_ffw_norm=True,
                  use_qk_norm=True, projection_dims=(128, 32), mrl_dims=(32, 16, 8)),
+    # The demo's from-scratch encoder: tiny but trainable on 2 CPU cores in minutes; the
+    # vocabulary matches the shipped Debian SentencePiece model.
+    "small": dict(family="gemma", vocab_size=8192, hidden_size=128, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=32, mlp_dim=256, layer_types=("local", "global"),
+                  sliding_window=32, rope_base_local=10_000.0, rope_base_global=1_000_000.0,
+                  query_pre_attn_scalar=32.0, use_post_attn_norm=True, use_post_ffw_norm=True,
+                  use_qk_norm=True, projection_dims=(256, 64), mrl_dims=(64, 32, 16)),
     "tiny-bert": dict(family="bert", vocab_size=8192, hidden_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=4, head_dim=16, mlp_dim=128, activation="gelu",
                       layer_types=(), max_position_embeddings=128, mrl_dims=(64, 32)),
