@@ -41,6 +41,48 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def _config_keys(config, prefix="") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if hasattr(v, "items"):
+            keys += _config_keys(v, prefix + k + ".")
+    return keys
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a one-line error for an unknown `--config.x` field.
+
+    ml_collections raises a bare AttributeError (with a traceback) for a field the locked
+    config does not have; absl handles only its own flag errors.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+              file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, KeyError) as e:
+        import re
+
+        found = re.search(r"[A-Za-z_]\w*", str(e))   # "'name'" or "'name'\nDid you mean ..."
+        field = found.group(0) if found else str(e)
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        flag = next((a for a in overrides if field in a.split(".")), None)
+        if flag is None:
+            raise
+        import difflib
+
+        from embedder.train.config import base_config
+
+        wanted = flag[len("--config."):]
+        close = difflib.get_close_matches(wanted, _config_keys(base_config()), n=2, cutoff=0.8)
+        hint = f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
+        print(f"FATAL Flags parsing error: {flag}: the config has no field {field!r} (configs are locked: "
+              f"only existing fields can be overridden; DIR/config.json lists them).{hint}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -66,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -108,7 +108,10 @@ class MetricsWriter:
 
                 # Events at steps >= purge_step from earlier event files are hidden.
                 purge = resume_step + 1 if resume_step > 0 else None
-                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+                # Event files are named by the second they were opened (and opened with "wb"):
+                # the suffix keeps a quick restart from overwriting the interrupted run's file.
+                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge,
+                                         filename_suffix=f".{os.getpid()}.{resume_step}")
             except ImportError:  # TensorBoard is optional
                 self._tb = None
 
