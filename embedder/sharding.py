@@ -160,6 +160,8 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, path: str) -> P:
         kept = []
         size = 1
         for n in names:
+            if n not in mesh.shape:  # the rules name an axis this mesh does not have
+                continue
             if dim % (size * mesh.shape[n]) == 0:
                 kept.append(n)
                 size *= mesh.shape[n]

@@ -63,3 +63,10 @@ def test_host_to_global_rejects_indivisible_batch():
     mesh = S.make_mesh({"axes": ("data",), "shape": (8,)})
     with pytest.raises(S.ShardingError, match="multiple of 8"):
         S.host_to_global({"query_ids": np.zeros((6, 4), np.int32)}, mesh)
+
+
+def test_rules_naming_axes_absent_from_the_mesh():
+    mesh = S.make_mesh({"axes": ("data",), "shape": (8,)})
+    abstract = jax.eval_shape(_Toy().init, jax.random.key(0), np.zeros((8, 5), np.int32))["params"]
+    shardings = S.param_shardings(abstract, mesh)
+    assert shardings["emb"].spec == jax.sharding.PartitionSpec(None, None)
