@@ -65,9 +65,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from embedder.train.loop import train
 
-    workdir = pathlib.Path(args.workdir)
+    workdir = pathlib.Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    quick = {"total_steps": 4, "eval.max_queries": 200, "checkpoint.every_steps": 2} if args.quick else {}
+    quick = {"total_steps": 4, "eval.max_queries": 200, "checkpoint.every_steps": 2,
+             "optimizer.warmup_steps": 1} if args.quick else {}
     t0 = time.time()
 
     stage1_dir = workdir / "1_prefinetune"
@@ -75,19 +76,14 @@ def main(argv=None) -> int:
 
     mined = workdir / "mined_negatives.jsonl"
     if not mined.exists():
-        cfg = _load_config("finetune", quick)
-        mine_debian_negatives(stage1_dir, mined, num_negatives=cfg.data.num_negatives,
-                              limit=2000 if args.quick else None)
+        mine_debian_negatives(stage1_dir, mined, num_negatives=1, limit=2000 if args.quick else None)
 
     stage2_dir = workdir / "2_finetune"
-    overrides = dict(quick)
-    overrides["init_from"] = str(stage1_dir)
-    overrides["data.datasets"] = _with_mined(_load_config("finetune", quick).data.datasets, str(mined))
-    stage2 = train(_load_config("finetune", overrides), stage2_dir)
+    stage2 = train(_load_config(f"finetune@{workdir}", quick), stage2_dir)
 
     untrained = _first_eval(stage1_dir)
     evals = {"untrained": untrained, "1: pre-finetuned": stage1["eval"], "2: finetuned": stage2["eval"]}
-    dim = max(_load_config("finetune", quick).loss.dims)
+    dim = max(_load_config("prefinetune", quick).loss.dims)
     table, _ = results_table(evals, dim)
     elapsed = time.time() - t0
     text = (f"# Demo results (MRL dim {dim}; {elapsed / 60:.1f} min)\n\n{table}\n")
@@ -124,17 +120,6 @@ def mine_debian_negatives(model_dir, out_file, *, num_negatives: int, limit=None
     tmp.rename(out_file)  # only a complete file counts as mined
     logging.info("mined %d hard negatives for %d pairs: %s", num_negatives, len(records), dict(counts))
     return dict(counts)
-
-
-def _with_mined(datasets, mined_file: str):
-    out = []
-    for d in datasets:
-        d = dict(d)
-        if d.get("name") == "debian_pairs":
-            d["builder"] = "jsonl"
-            d["files"] = [mined_file]
-        out.append(d)
-    return out
 
 
 def _first_eval(run_dir: pathlib.Path) -> dict:

@@ -5,13 +5,14 @@ table, plots) through `python -m embedder.demo --workdir workdir/demo`. Each
 stage is also a plain training run:
 
     python -m embedder.train --config experiments/demo.py:prefinetune --workdir workdir/demo/1_prefinetune
-    python -m embedder.train --config experiments/demo.py:finetune --workdir workdir/demo/2_finetune \
-        --config.init_from=workdir/demo/1_prefinetune
+    python -m embedder.train --config experiments/demo.py:finetune@workdir/demo --workdir workdir/demo/2_finetune
 
 `prefinetune`: (synopsis, description) pairs, no hard negatives, a large batch
-through the gradient cache. `finetune`: the same pairs with mined hard
-negatives (the demo driver points `data.datasets` at the mined file),
-task-homogeneous batches, a smaller learning rate.
+through the gradient cache, mixed batches. `finetune@DEMO_DIR`: starts from
+DEMO_DIR/1_prefinetune and trains on DEMO_DIR/mined_negatives.jsonl (the pairs
+with the hard negatives the stage-1 model mined; `python -m embedder.demo`
+writes it), task-homogeneous batches, a smaller learning rate. Plain
+`finetune` (no `@DIR`) is the same stage from scratch without hard negatives.
 """
 
 import pathlib
@@ -20,11 +21,15 @@ from embedder.train.config import base_config, model_config_dict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = REPO / "data" / "debian" / "tasks"
+MINED_FILE = "mined_negatives.jsonl"
+STAGE1_DIR = "1_prefinetune"
 
 
 def get_config(arg: str = "prefinetune"):
-    if arg not in ("prefinetune", "finetune"):
-        raise ValueError(f"experiments/demo.py: unknown stage {arg!r}; use :prefinetune or :finetune")
+    stage, _, demo_dir = arg.partition("@")
+    if stage not in ("prefinetune", "finetune") or (demo_dir and stage != "finetune"):
+        raise ValueError(f"experiments/demo.py: unknown argument {arg!r}; use :prefinetune, :finetune "
+                         "or :finetune@DEMO_DIR")
     c = base_config()
     c.seed = 0
     c.model = model_config_dict("small")
@@ -46,7 +51,7 @@ def get_config(arg: str = "prefinetune"):
     c.checkpoint.every_steps = 50
     c.checkpoint.max_to_keep = 2
 
-    if arg == "prefinetune":
+    if stage == "prefinetune":
         c.batch_size = 128
         c.grad_cache_chunks = 2
         c.total_steps = 160
@@ -59,9 +64,14 @@ def get_config(arg: str = "prefinetune"):
         c.grad_cache_chunks = 0
         c.total_steps = 120
         c.data.mode = "homogeneous"
-        c.data.num_negatives = 1
-        c.loss.hardness_alpha = 0.0
         c.optimizer.learning_rate = 5e-4
         c.optimizer.warmup_steps = 10
         c.eval.at_start = False
+        c.data.num_negatives = 0
+        if demo_dir:
+            demo = pathlib.Path(demo_dir).expanduser()
+            c.init_from = str(demo / STAGE1_DIR)
+            c.data.num_negatives = 1
+            c.data.datasets = [{"name": "debian_pairs", "builder": "jsonl", "files": [str(demo / MINED_FILE)],
+                                "task": "search result", "weight": 1.0}]
     return c

@@ -23,7 +23,7 @@ def test_shipped_sweep_expands(repo_root, tmp_path):
     assert len(names) == 8 and len(set(names)) == 8
     first = record["runs"][0]
     assert first["overrides"] == {"loss.temperature": 0.05, "optimizer.learning_rate": 3e-4, "seed": 0}
-    assert first["command"][:5] == ["python", "-m", "embedder.train", "--config=experiments/demo.py:finetune",
+    assert first["command"][:5] == ["python", "-m", "embedder.train", "--config=experiments/demo.py:finetune@workdir/demo",
                                     f"--workdir={tmp_path / 'sw' / first['name']}"]
 
 
