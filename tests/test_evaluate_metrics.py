@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from embedder.evaluate.classification import evaluate_classification, evaluate_clustering, k_shot_indices
+from embedder.evaluate.classification import evaluate_classification, evaluate_clustering, k_shot_draws
 from embedder.evaluate.mrl import truncate_normalize
 from embedder.evaluate.pair_scoring import evaluate_pair_classification, evaluate_reranking, evaluate_sts
 from embedder.evaluate.retrieval_metrics import mean_metrics
@@ -87,12 +87,24 @@ def test_truncate_normalize_matches_loops():
         truncate_normalize(e, 16)
 
 
-def test_k_shot_draws_take_k_per_label_and_vary_by_seed():
+def test_k_shot_draws_take_k_per_label_as_mteb_undersamples():
     labels = ["a"] * 10 + ["b"] * 10 + ["c"] * 2
-    idx0 = k_shot_indices(labels, 4, seed=0)
-    assert sorted(labels[i] for i in idx0) == ["a"] * 4 + ["b"] * 4 + ["c"] * 2
-    assert list(idx0) == list(k_shot_indices(labels, 4, seed=0))
-    assert set(idx0) != set(k_shot_indices(labels, 4, seed=1))
+    draws = k_shot_draws(labels, 4, draws=3)
+    for idx in draws:
+        assert sorted(labels[i] for i in idx) == ["a"] * 4 + ["b"] * 4 + ["c"] * 2
+    assert set(draws[0]) != set(draws[1])
+    assert [list(d) for d in draws] == [list(d) for d in k_shot_draws(labels, 4, draws=3)]
+    # MTEB: one RandomState(42) reshuffles the same list before each draw, first k per label kept
+    rng, order, expected = np.random.RandomState(42), list(range(22)), []
+    for _ in range(3):
+        rng.shuffle(order)
+        count, chosen = {}, []
+        for i in order:
+            if count.get(labels[i], 0) < 4:
+                count[labels[i]] = count.get(labels[i], 0) + 1
+                chosen.append(i)
+        expected.append(chosen)
+    assert [list(d) for d in draws] == expected
 
 
 def _blobs(n_per, centers, rng, noise):
@@ -110,6 +122,7 @@ def test_classification_and_clustering_separate_blobs_and_not_noise():
     assert res["accuracy"] == 1.0 and res["f1"] == 1.0 and res["accuracy_2shot"] == 1.0
     assert res["accuracy_2shot_std"] == 0.0
     assert evaluate_clustering(xte, yte, seeds=2)["v_measure"] > 0.99
+    assert evaluate_clustering(xte, yte, seeds=2, minibatch=True, batch_size=16)["v_measure"] > 0.99
     noise = rng.randn(*xte.shape).astype(np.float32)
     assert evaluate_clustering(noise, yte, seeds=2)["v_measure"] < 0.5
     rand = evaluate_classification(rng.randn(*xtr.shape), ytr, rng.randn(*xte.shape), yte, shots=(), seeds=1)
