@@ -161,7 +161,10 @@ def config_to_hf(cfg: ModelConfig, *, max_position_embeddings: int = 2048,
     if model_type == "gemma":
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
         return out
-    out.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    # transformers' strict configs type this field as int.
+    scalar = int(scalar) if float(scalar).is_integer() else scalar
+    out.update(query_pre_attn_scalar=scalar,
                attn_logit_softcapping=cfg.attn_logit_softcap,
                final_logit_softcapping=cfg.final_logit_softcap, layer_types=types)
     if model_type == "gemma2":

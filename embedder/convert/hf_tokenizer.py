@@ -126,7 +126,9 @@ def write_tokenizer_files(tokenizer_spec: dict, source: pathlib.Path, dst: pathl
         tok.save(str(dst / "tokenizer.json"))
         if source.resolve() != (dst / "tokenizer.model").resolve():
             shutil.copyfile(source, dst / "tokenizer.model")
-        config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": add_bos, "add_eos_token": add_eos,
+        # transformers' GemmaTokenizer rebuilds its own BPE pipeline and would ignore a Unigram
+        # tokenizer.json; the generic class uses the file exactly as written.
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
                   **special, **common}
         special_ids = _special_ids(special, tok)
     else:
