@@ -84,7 +84,7 @@ def base_config() -> ConfigDict:
         "dims": (),                 # MRL dims to report; empty: loss.dims
         "batch_size": 128,
         "max_queries": 0,           # >0: subsample queries / texts during training evals
-        "best_metric": "",          # e.g. "eval/debian_retrieval/ndcg@10@64"; empty: keep last N only
+        "best_metric": "",          # e.g. "eval/DebianRetrieval/ndcg_at_10@64" (eval/<task name>/<metric>@<dim>); empty: last N only
     })
 
     c.checkpoint = ConfigDict({
