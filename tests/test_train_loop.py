@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from embedder.train import loop
+from embedder.train import loop, workdir_files
 from embedder.train.config import base_config
 
 
@@ -57,7 +57,7 @@ def test_metrics_writer_drops_rows_after_resume_step(tmp_path):
     lines.insert(3, json.dumps({"step": 3, "eval/x": 0.5}))   # an eval row at a kept step
     # The interrupted run was killed while writing a row: a cut line at the end.
     path.write_text("\n".join(lines) + "\n" + '{"step": 7, "train/lo')
-    writer = loop.MetricsWriter(tmp_path, resume_step=4)
+    writer = workdir_files.MetricsWriter(tmp_path, resume_step=4)
     writer.write(5, {"train/loss": 50.0})
     writer.close()
     rows = _rows(path)
@@ -65,14 +65,16 @@ def test_metrics_writer_drops_rows_after_resume_step(tmp_path):
     assert rows[-1]["train/loss"] == 50.0 and rows[3] == {"step": 3, "eval/x": 0.5}
 
 
-def test_metrics_writer_fresh_run_keeps_file_and_disabled_writes_nothing(tmp_path):
-    writer = loop.MetricsWriter(tmp_path, resume_step=0)
+def test_metrics_writer_restart_from_scratch_drops_all_and_disabled_writes_nothing(tmp_path):
+    # A run killed before its first checkpoint restarts at step 0: its step-0 eval reruns too.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/x": 1.0}\n{"step": 1, "a": 5.0}\n')
+    writer = workdir_files.MetricsWriter(tmp_path, resume_step=0)
     writer.write(1, {"a": 1})
     writer.close()
     assert _rows(tmp_path / "metrics.jsonl") == [{"step": 1, "a": 1.0}]
     other = tmp_path / "other"
     other.mkdir()
-    silent = loop.MetricsWriter(other, enabled=False, resume_step=3)
+    silent = workdir_files.MetricsWriter(other, enabled=False, resume_step=3)
     silent.write(4, {"a": 1})
     silent.close()
     assert list(other.iterdir()) == []
@@ -108,11 +110,11 @@ def _visible_scalars(logdir, tag):
 
 def test_tensorboard_purges_events_after_resume_step(tmp_path):
     pytest.importorskip("tensorboardX")
-    first = loop.MetricsWriter(tmp_path)
+    first = workdir_files.MetricsWriter(tmp_path)
     for s in range(1, 7):
         first.write(s, {"train/loss": float(s)})
     first.close()
-    resumed = loop.MetricsWriter(tmp_path, resume_step=4)
+    resumed = workdir_files.MetricsWriter(tmp_path, resume_step=4)
     for s in (5, 6):
         resumed.write(s, {"train/loss": 10.0 * s})
     resumed.close()
@@ -122,12 +124,12 @@ def test_tensorboard_purges_events_after_resume_step(tmp_path):
 
 
 def test_config_json_rewrite_warns_about_changed_fields(tmp_path, caplog):
-    loop._write_config_json(tmp_path, {"a": 1, "b": {"c": 2, "d": [1, 2]}})
+    workdir_files.write_config_json(tmp_path, {"a": 1, "b": {"c": 2, "d": [1, 2]}})
     with caplog.at_level(logging.WARNING, logger="embedder.train"):
-        loop._write_config_json(tmp_path, {"a": 1, "b": {"c": 2, "d": [1, 2]}})
+        workdir_files.write_config_json(tmp_path, {"a": 1, "b": {"c": 2, "d": [1, 2]}})
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="embedder.train"):
-        loop._write_config_json(tmp_path, {"a": 1, "b": {"c": 3, "d": [1, 2]}, "e": 0})
+        workdir_files.write_config_json(tmp_path, {"a": 1, "b": {"c": 3, "d": [1, 2]}, "e": 0})
     assert "b.c, e" in caplog.text
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1, "b": {"c": 3, "d": [1, 2]}, "e": 0}
     assert not list(tmp_path.glob("*.tmp"))

@@ -21,6 +21,7 @@ import numpy as np
 
 from embedder import sharding
 from embedder.train.config import config_to_json, model_spec
+from embedder.train.workdir_files import MetricsWriter, write_config_json
 
 log = logging.getLogger("embedder.train")
 
@@ -86,104 +87,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class MetricsWriter:
-    """Appends metrics to `metrics.jsonl` and TensorBoard (process 0 only).
-
-    `resume_step`: the step a resumed run starts from. Rows logged after it by the
-    interrupted run (and a line cut short by a kill) are dropped from `metrics.jsonl`,
-    and TensorBoard is told to purge its events after it, so a resumed run's steps
-    appear once.
-    """
-
-    def __init__(self, workdir: pathlib.Path, enabled: bool = True, resume_step: int = 0):
-        self.enabled = enabled
-        self._tb = None
-        if enabled:
-            path = workdir / "metrics.jsonl"
-            if path.exists():
-                _truncate_metrics(path, resume_step)
-            self._file = open(path, "a", encoding="utf-8")
-            try:
-                from tensorboardX import SummaryWriter
-
-                # Events at steps >= purge_step from earlier event files are hidden.
-                purge = resume_step + 1 if resume_step > 0 else None
-                # Event files are named by the second they were opened (and opened with "wb"):
-                # the suffix keeps a quick restart from overwriting the interrupted run's file.
-                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge,
-                                         filename_suffix=f".{os.getpid()}.{resume_step}")
-            except ImportError:  # TensorBoard is optional
-                self._tb = None
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, float(v), int(step))
-
-    def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
-
-
-def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Keeps the rows of `path` at steps <= `last_step`; drops unparsable (cut) lines."""
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            keep = int(row["step"]) <= last_step
-        except (ValueError, KeyError, TypeError):
-            keep = False
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        log.info("metrics.jsonl: dropped %d row(s) logged after step %d by the interrupted run",
-                 dropped, last_step)
-        _write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """A kill mid-write leaves the old file, never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _flat_diff(old, new, prefix="") -> list[str]:
-    """Dotted keys whose values differ between two JSON-like dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _flat_diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def _write_config_json(workdir: pathlib.Path, cfg: dict) -> None:
-    path = workdir / "config.json"
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        changed = _flat_diff(previous, cfg) if isinstance(previous, dict) else []
-        if changed:
-            # Each checkpoint step keeps the config it was saved with (item `config`).
-            log.warning("config.json: this run's config differs from the workdir's previous one in %s; "
-                        "overwriting (a resumed run then differs from an uninterrupted one)",
-                        ", ".join(changed[:20]) + (" ..." if len(changed) > 20 else ""))
-    _write_atomic(path, json.dumps(cfg, indent=1, sort_keys=True))
-
-
 def _setup_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -192,6 +95,8 @@ def _setup_logging() -> None:
         root.setLevel(logging.INFO)
     # Orbax and grain log every save/read step at INFO through absl; keep their warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # tensorboardX logs a line per metric name with '@' (e.g. ndcg@10@64) that it rewrites for TB.
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
 
 
 def _batch_key(batch: dict) -> tuple:
@@ -253,7 +158,7 @@ class Trainer:
         if self.is_main:
             cfg = json.loads(config_to_json(config))
             cfg["model_spec"] = self.spec
-            _write_config_json(self.workdir, cfg)
+            write_config_json(self.workdir, cfg)
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.logical_rules(config)
@@ -384,6 +289,7 @@ class Trainer:
                                f"step {data_state['step']}")
         started = self.ckpt.save(step, self.state, data_state, self.config.to_dict(), metrics=metrics,
                                  force=True)
+        self._saved_step = step
         if started and os.environ.get(_KILL_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -401,6 +307,7 @@ class Trainer:
         last_good_step = start
         window = {"time": time.time(), "rows": 0, "compile": self.compile_seconds}
         step = start
+        self._saved_step = start
 
         def flush() -> dict:
             nonlocal last_good_step
@@ -458,6 +365,9 @@ class Trainer:
                 self._save(step, last_eval if evaluated_at == step else None)
         flush()
         preempted = preemption.requested and step < total
+        if preempted and self._saved_step != step:
+            # SIGTERM arrived after this step's save decision (e.g. during an evaluation).
+            self._save(step, last_eval if evaluated_at == step else None)
         if preempted:
             log.warning("SIGTERM received: saved step %d, exiting; rerun the same command to resume", step)
         else:
