@@ -33,8 +33,18 @@ class HFModel:
 
 
 def is_hf_folder(path) -> bool:
+    """A transformers / sentence-transformers folder: `modules.json`, or a `config.json` with a
+    `model_type` (an embedder workdir also has a `config.json`, the train config, without one)."""
     path = pathlib.Path(path)
-    return (path / "modules.json").is_file() or (path / "config.json").is_file()
+    if (path / "modules.json").is_file():
+        return True
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:
