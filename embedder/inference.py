@@ -10,7 +10,6 @@ import pathlib
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -21,14 +20,28 @@ from embedder.model import EmbeddingModel, ModelConfig
 ROLES = ("query", "document")
 
 
-def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to `max_length`, plus `max_length` itself: few shapes
-    to compile, at most 2x padding."""
+def length_buckets(max_length: int, smallest: int = 16, per_octave: int = 1) -> tuple[int, ...]:
+    """Padded lengths from `smallest` up to `max_length` (always included).
+
+    `per_octave` buckets between consecutive powers of two, never closer than
+    `smallest`: 1 gives powers of two (few compiles, up to 2x padding); 4 gives
+    16, 32, 48, 64, 80, ..., 128, 160, ... (at most ~25% padding, 4x the compiles).
+    """
+    if smallest < 1 or per_octave < 1:
+        raise ValueError(f"length_buckets: smallest={smallest} and per_octave={per_octave} must be >= 1")
     out, b = [], smallest
     while b < max_length:
         out.append(b)
-        b *= 2
+        octave = 1 << (b.bit_length() - 1)  # largest power of two <= b
+        b += max(smallest, octave // per_octave)
     return tuple(out) + (max_length,)
+
+
+def row_buckets(n: int, batch_size: int, multiple: int) -> int:
+    """Rows to pad a chunk of `n` to: the next power of two (capped at the batch size), then up to
+    a multiple of the device count, so a ragged last chunk compiles to one of few shapes."""
+    rows = min(1 << max(n - 1, 0).bit_length(), max(batch_size, n))
+    return -(-rows // multiple) * multiple
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -39,16 +52,20 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 class Embedder:
     """A model, its tokenizer and prompts; `encode` runs on all local devices."""
 
-    def __init__(self, params, spec: dict, *, tokenizer=None, base_dir=None):
+    def __init__(self, params, spec: dict, *, tokenizer=None, base_dir=None,
+                 config_overrides: dict | None = None):
+        """`config_overrides` change how the model runs, not what it is, e.g.
+        `{"dtype": "bfloat16", "attention_impl": "dot_product_attention"}`."""
         if not isinstance(spec, dict) or "model" not in spec:
             raise ValueError("spec must be a model-spec dict with 'model', 'tokenizer' and 'prompts'")
         self.spec = spec
-        self.config = ModelConfig.from_dict(spec["model"])
+        self.config = ModelConfig.from_dict(dict(spec["model"], **(config_overrides or {})))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec["tokenizer"], base_dir)
         self.prompts = Prompts.from_spec(spec.get("prompts"))
         self.model = EmbeddingModel(self.config)
         self.max_length = int(spec["tokenizer"].get("max_length", self.tokenizer.max_length))
-        self.buckets = length_buckets(self.max_length)
+        # Four buckets per octave: padding is wasted compute on CPU/GPU; each bucket compiles once.
+        self.buckets = length_buckets(self.max_length, per_octave=4)
         devices = np.array(jax.local_devices())
         self.mesh = Mesh(devices, ("data",))
         self._rows = NamedSharding(self.mesh, P("data"))
@@ -93,8 +110,11 @@ class Embedder:
 
     def encode(self, texts: Sequence[str], role: str = "query", task: str | None = None,
                dim: int | None = None, batch_size: int = 64,
-               titles: Sequence[str | None] | None = None) -> np.ndarray:
-        """`(N, dim)` float32 rows, L2-normalised after truncation to the first `dim` coordinates."""
+               titles: Sequence[str | None] | None = None,
+               max_length: int | None = None) -> np.ndarray:
+        """`(N, dim)` float32 rows, L2-normalised after truncation to the first `dim` coordinates.
+
+        `max_length` truncates texts to fewer tokens than the model's own limit."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings; wrap a single text: encode([text])")
         texts = list(texts)
@@ -104,27 +124,34 @@ class Embedder:
             raise ValueError(f"dim={dim} must be in 1..{full} (the model's embedding size)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        limit = self.max_length if max_length is None else int(max_length)
+        if not 0 < limit <= self.max_length:
+            raise ValueError(f"max_length={max_length} must be in 1..{self.max_length} (the model's limit)")
         if not texts:
             return np.zeros((0, dim), np.float32)
         prefixes = self._prefixes(len(texts), role, task, titles)
-        seqs = self.tokenizer.encode(texts, max_length=self.max_length, prefixes=prefixes)
+        seqs = self.tokenizer.encode(texts, max_length=limit, prefixes=prefixes)
+        buckets = [b for b in self.buckets if b < limit] + [limit]
         # Longest first, so each chunk pads to a tight bucket; outputs go back to input order.
         order = np.argsort([-len(s) for s in seqs], kind="stable")
-        out = np.zeros((len(texts), full), np.float32)
+        # Every chunk is dispatched before any result is read back: no host sync inside the
+        # loop, so the device computes chunk k while the host pads chunk k + 1.
+        pending = []
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            out[idx] = self._embed([seqs[i] for i in idx])
+            pending.append((idx, self._embed([seqs[i] for i in idx], buckets, limit, batch_size)))
+        out = np.zeros((len(texts), full), np.float32)
+        for idx, emb in pending:
+            out[idx] = np.asarray(emb, np.float32)[:len(idx)]
         return l2_normalize(out[:, :dim])
 
-    def _embed(self, seqs: list[list[int]]) -> np.ndarray:
-        ids, mask = pad_batch(seqs, self.tokenizer.pad_id, buckets=self.buckets,
-                              max_length=self.max_length)
+    def _embed(self, seqs: list[list[int]], buckets, limit: int, batch_size: int) -> jax.Array:
+        ids, mask = pad_batch(seqs, self.tokenizer.pad_id, buckets=buckets, max_length=limit)
         n = len(seqs)
-        # Empty rows fill the batch up to a multiple of the device count, so it always shards.
-        rows = -(-n // self.mesh.size) * self.mesh.size
+        # Empty rows fill a short last chunk to a power of two and a multiple of the device
+        # count, so it always shards and reuses one of few compiled shapes.
+        rows = row_buckets(n, batch_size, self.mesh.size)
         if rows != n:
             ids = np.concatenate([ids, np.full((rows - n, ids.shape[1]), self.tokenizer.pad_id, ids.dtype)])
             mask = np.concatenate([mask, np.zeros((rows - n, mask.shape[1]), mask.dtype)])
-        emb = self._apply(self.params, jax.device_put(jnp.asarray(ids), self._rows),
-                          jax.device_put(jnp.asarray(mask), self._rows))
-        return np.asarray(emb, np.float32)[:n]
+        return self._apply(self.params, jax.device_put(ids, self._rows), jax.device_put(mask, self._rows))

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("sentence_transformers")
 
-from embedder.inference import Embedder, length_buckets  # noqa: E402
+from embedder.inference import Embedder, length_buckets, row_buckets  # noqa: E402
 
 TEXTS = ["hello world", "Debian is a free operating system for your computer, with many packages.",
          "vim", "a text editor that is upwards compatible to Vi; it can be used to edit all kinds of plain text",
@@ -120,3 +120,29 @@ def test_embeddinggemma_layout_matches_sentence_transformers(tmp_path, repo_root
 def test_length_buckets():
     assert length_buckets(256) == (16, 32, 64, 128, 256)
     assert length_buckets(100) == (16, 32, 64, 100)
+    assert length_buckets(128, per_octave=4) == (16, 32, 48, 64, 80, 96, 112, 128)
+    assert length_buckets(300, per_octave=4)[-6:] == (128, 160, 192, 224, 256, 300)
+    with pytest.raises(ValueError, match="per_octave=0"):
+        length_buckets(64, per_octave=0)
+
+
+def test_row_buckets():
+    assert [row_buckets(n, 64, 1) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert [row_buckets(n, 64, 8) for n in (1, 9, 64)] == [8, 16, 64]
+    assert row_buckets(7, 5, 1) == 7  # a batch size that is no power of two caps the padding
+
+
+def test_encode_max_length_and_overrides(minilm_path):
+    ours = Embedder.load(minilm_path)
+    long_text = " ".join(["debian"] * 40)
+    full = ours.encode([long_text])
+    short = ours.encode([long_text], max_length=8)
+    ref = st.SentenceTransformer(str(minilm_path), device="cpu")
+    ref.max_seq_length = 8
+    np.testing.assert_allclose(short, ref.encode([long_text], normalize_embeddings=True), atol=1e-5)
+    assert np.abs(full - short).max() > 1e-3
+    with pytest.raises(ValueError, match="max_length=300"):
+        ours.encode(["x"], max_length=300)
+    fast = Embedder.load(minilm_path, config_overrides={"attention_impl": "dot_product_attention"})
+    assert fast.config.attention_impl == "dot_product_attention"
+    np.testing.assert_allclose(fast.encode(TEXTS), ours.encode(TEXTS), atol=1e-5, rtol=0)
