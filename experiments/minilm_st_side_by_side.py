@@ -69,7 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=ours.SETTINGS["steps"])
     p.add_argument("--batch", type=int, default=ours.SETTINGS["batch"])
     p.add_argument("--lr", type=float, default=ours.SETTINGS["lr"])
+    p.add_argument("--tasks", default=",".join(pathlib.Path(t).name for t in ours.TASK_DIRS),
+                   help="comma-separated task folders under data/debian/tasks to evaluate")
     args = p.parse_args(argv)
+    tasks = tuple(str(ours.TASKS / t) for t in args.tasks.split(","))
     settings = dict(ours.SETTINGS, steps=args.steps, batch=args.batch, lr=args.lr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("minilm_st")
@@ -84,8 +87,8 @@ def main(argv=None) -> int:
         timing_file.write_text(json.dumps(train_st(mined, st_dir, settings, log), indent=1))
     timing = json.loads(timing_file.read_text())
     # The ST folder loads through our from-hf path, so both are scored by the same evaluator.
-    st_results = ours.evaluate(st_dir, wd / "eval_st.json", log)
-    rows = {"all-MiniLM-L6-v2": ours.evaluate(ours.minilm_path(), wd / "eval_base.json", log)}
+    st_results = ours.evaluate(st_dir, wd / "eval_st.json", log, tasks)
+    rows = {"all-MiniLM-L6-v2": ours.evaluate(ours.minilm_path(), wd / "eval_base.json", log, tasks)}
     ours_timing = {}
     if (wd / "eval_finetuned.json").is_file():
         rows["+ embedder fine-tune"] = json.loads((wd / "eval_finetuned.json").read_text())

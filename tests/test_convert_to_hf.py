@@ -218,3 +218,5 @@ def test_cli_errors(tmp_path, bert_folder):
     busy = run("to-hf", str(bert_folder), str(tmp_path / "full"))
     assert busy.returncode == 1 and "--overwrite" in busy.stderr
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+    inside = run("to-hf", str(bert_folder), str(bert_folder.parent), "--overwrite")
+    assert inside.returncode == 1 and "contains it" in inside.stderr and bert_folder.is_dir()

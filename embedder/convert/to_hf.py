@@ -196,8 +196,10 @@ def convert_to_hf(src, dst, *, overwrite: bool = False,
     params, spec = load_any(src)
     if "model" not in spec or "tokenizer" not in spec:
         raise ValueError(f"{src}: its model spec lacks 'model' or 'tokenizer' ({sorted(spec)})")
-    if pathlib.Path(dst).absolute() == src.absolute():
-        raise ValueError(f"to-hf: DST {dst} is SRC; write the Hugging Face folder elsewhere")
+    src_abs, dst_abs = src.absolute(), pathlib.Path(dst).absolute()
+    if dst_abs == src_abs or dst_abs in src_abs.parents:
+        # --overwrite empties DST first, which would delete SRC.
+        raise ValueError(f"to-hf: DST {dst} is SRC or contains it; write the Hugging Face folder elsewhere")
     return write_hf_folder(params, spec, dst, tokenizer_file=_tokenizer_source(spec, src),
                            overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
