@@ -77,17 +77,7 @@ class Embedder:
     def load(cls, path, **kwargs) -> "Embedder":
         """Loads a workdir, checkpoint step dir, param export or soup; a Hugging Face /
         sentence-transformers folder is converted in memory."""
-        from embedder.convert.from_hf import is_hf_folder, read_hf_folder
-
-        path = pathlib.Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"model path {path} does not exist")
-        if is_hf_folder(path) and not (path / "model.json").is_file():
-            hf = read_hf_folder(path)
-            return cls(hf.params, hf.spec, **kwargs)
-        from embedder.checkpoint import resolve_model_path
-
-        params, spec = resolve_model_path(path)
+        params, spec = load_params_and_spec(path)
         return cls(params, spec, **kwargs)
 
     @property
@@ -155,3 +145,19 @@ class Embedder:
             ids = np.concatenate([ids, np.full((rows - n, ids.shape[1]), self.tokenizer.pad_id, ids.dtype)])
             mask = np.concatenate([mask, np.zeros((rows - n, mask.shape[1]), mask.dtype)])
         return self._apply(self.params, jax.device_put(ids, self._rows), jax.device_put(mask, self._rows))
+
+
+def load_params_and_spec(path) -> tuple:
+    """`(params, spec)` of anything `Embedder.load` opens: a workdir, checkpoint step, param
+    export or soup, or a Hugging Face / sentence-transformers folder (converted in memory)."""
+    from embedder.convert.from_hf import is_hf_folder, read_hf_folder
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if is_hf_folder(path) and not (path / "model.json").is_file():
+        hf = read_hf_folder(path)
+        return hf.params, hf.spec
+    from embedder.checkpoint import resolve_model_path
+
+    return resolve_model_path(path)
