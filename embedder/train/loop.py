@@ -368,7 +368,9 @@ class Trainer:
         if preempted and self._saved_step != step:
             # SIGTERM arrived after this step's save decision (e.g. during an evaluation).
             self._save(step, last_eval if evaluated_at == step else None)
-        if preempted:
+        if preempted and step == 0:
+            log.warning("SIGTERM received before the first step: nothing to save, exiting")
+        elif preempted:
             log.warning("SIGTERM received: saved step %d, exiting; rerun the same command to resume", step)
         else:
             if has_tasks and evaluated_at != step:   # a resumed run that had already finished
