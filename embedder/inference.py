@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Sequence
 
@@ -49,6 +50,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(config: ModelConfig):
+    """One jitted forward per architecture, shared by every Embedder of it: the evaluations a
+    training run makes every N steps (a new Embedder each time) reuse the compiled buckets."""
+    model = EmbeddingModel(config)
+    return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+
+
 class Embedder:
     """A model, its tokenizer and prompts; `encode` runs on all local devices."""
 
@@ -70,8 +79,7 @@ class Embedder:
         self.mesh = Mesh(devices, ("data",))
         self._rows = NamedSharding(self.mesh, P("data"))
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        model = self.model
-        self._apply = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+        self._apply = _jitted_apply(self.config)
 
     @classmethod
     def load(cls, path, **kwargs) -> "Embedder":
