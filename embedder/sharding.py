@@ -57,7 +57,15 @@ def _mesh_fields(mesh_cfg) -> tuple[tuple[str, ...], tuple[int, ...]]:
         return DEFAULT_AXES, (-1, 1, 1)
     get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d=None: getattr(mesh_cfg, k, d)
     axes = tuple(get("axes", DEFAULT_AXES))
-    shape = tuple(int(s) for s in get("shape", (-1,) + (1,) * (len(axes) - 1)))
+    raw = get("shape", (-1,) + (1,) * (len(axes) - 1))
+    try:
+        if isinstance(raw, str):
+            raise ValueError(raw)
+        shape = tuple(int(s) for s in raw)
+    except (TypeError, ValueError):
+        raise ShardingError(
+            f"mesh.shape={raw!r} is not a tuple of integers; give one size per axis {axes}, "
+            "e.g. --config.mesh.shape='(-1,1,1)'") from None
     if len(axes) != len(shape):
         raise ShardingError(
             f"mesh.axes {axes} and mesh.shape {shape} have different lengths; "

@@ -16,6 +16,8 @@ def test_mesh_autofill_and_errors():
         S.make_mesh({"axes": ("data", "fsdp"), "shape": (3, -1)})
     with pytest.raises(S.ShardingError, match="needs 4 devices but 8"):
         S.make_mesh({"axes": ("data", "fsdp"), "shape": (2, 2)})
+    with pytest.raises(S.ShardingError, match="not a tuple of integers"):
+        S.make_mesh({"axes": ("data", "fsdp"), "shape": ("4", "x")})
     with pytest.raises(S.ShardingError, match="more than one -1"):
         S.make_mesh({"axes": ("data", "fsdp"), "shape": (-1, -1)})
 
