@@ -125,7 +125,7 @@ def evaluate(model_path, out: pathlib.Path, log, tasks=TASK_DIRS) -> dict:
     return results
 
 
-HEADLINE = (("DebianRetrieval", "ndcg@10"), ("DebianSectionClassification", "accuracy"),
+HEADLINE = (("DebianRetrieval", "ndcg_at_10"), ("DebianSectionClassification", "accuracy"),
             ("DebianSectionClustering", "v_measure"))
 
 
@@ -135,9 +135,7 @@ def headline(results: dict, dim: int = 384) -> dict[str, float]:
         if task not in results:
             out[f"{task} {metric}"] = float("nan")
             continue
-        metrics = results[task]["dims"][str(dim)]
-        key = metric if metric in metrics else sorted(metrics)[0]
-        out[f"{task} {key}"] = float(metrics[key])
+        out[f"{task} {metric}"] = float(results[task]["dims"][str(dim)][metric])
     return out
 
 
@@ -184,7 +182,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=SETTINGS["lr"])
     p.add_argument("--tasks", default=",".join(pathlib.Path(t).name for t in TASK_DIRS),
                    help="comma-separated task folders under data/debian/tasks to evaluate")
+    p.add_argument("--stages", default="mine,eval-base,train,eval",
+                   help="which stages to run (each is skipped when its output exists)")
     args = p.parse_args(argv)
+    stages = set(args.stages.split(","))
+    unknown = stages - {"mine", "eval-base", "train", "eval"}
+    if unknown:
+        p.error(f"--stages: unknown stage(s) {sorted(unknown)}; use mine, eval-base, train, eval")
     SETTINGS.update(steps=args.steps, batch=args.batch, lr=args.lr)
     tasks = tuple(str(TASKS / t) for t in args.tasks.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -195,10 +199,11 @@ def main(argv=None) -> int:
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
 
     mined = wd / "mined.jsonl"
-    if not mined.is_file():
+    if "mine" in stages and not mined.is_file():
         timing["mining"] = mine(mined, args.steps * args.batch, SETTINGS["seed"], log)
         timing_file.write_text(json.dumps(timing, indent=1))
-    base = evaluate(minilm_path(), wd / "eval_base.json", log, tasks)
+    if "eval-base" in stages:
+        evaluate(minilm_path(), wd / "eval_base.json", log, tasks)
 
     from embedder.train.loop import train
 
@@ -210,12 +215,15 @@ def main(argv=None) -> int:
     config.data.datasets = [{"name": "debian_mined", "files": [str(train_file)], "task": "search result",
                              "weight": 1.0}]
     train_dir = wd / "train"
-    if "train" not in timing:
+    if "train" in stages and "train" not in timing:
         t0, c0 = time.time(), time.process_time()
         train(config, train_dir)
         timing["train"] = {"steps": args.steps, "batch": args.batch, "wall_s": time.time() - t0,
                            "cpu_s": time.process_time() - c0}
         timing_file.write_text(json.dumps(timing, indent=1))
+    if "eval" not in stages:
+        return 0
+    base = evaluate(minilm_path(), wd / "eval_base.json", log, tasks)
     tuned = evaluate(train_dir, wd / "eval_finetuned.json", log, tasks)
     table = write_table({"all-MiniLM-L6-v2": base, "+ embedder fine-tune": tuned},
                         wd / "results.md", wd / "results.png")
