@@ -227,9 +227,12 @@ def test_restore_onto_another_mesh(root, reference):
     ref, got = _export(ref_dir), _export(workdir)
     worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
                 for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
-    # Reductions run in another order on another mesh: equal up to float rounding, not bitwise.
+    # Reductions run in another order on another mesh: equal up to float rounding, not bitwise,
+    # and Adam's normalised updates amplify that rounding over the 4 resumed steps (seen: 1e-6 to
+    # 1e-5). A wrong restore (re-initialised, or a step lost or repeated) moves parameters by
+    # ~learning_rate per step, >= 1e-3 here, so 1e-4 still tells the two apart by 10x.
     print(f"mesh (data 4, fsdp 2) resume vs data 8: max |diff| {worst:.3g}")
-    assert worst <= 1e-5, worst
+    assert worst <= 1e-4, worst
 
 
 def test_nan_loss_stops_and_keeps_last_finite_checkpoint(root):
