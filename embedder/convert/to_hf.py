@@ -110,22 +110,6 @@ def st_prompts(prompts_spec: dict | None) -> dict[str, str]:
             for name, task in ST_PROMPT_TASKS.items()}
 
 
-def load_any(src) -> tuple[dict, dict]:
-    """`(params, spec)` of whatever `Embedder.load` opens: a workdir, checkpoint step, param
-    export, soup, or a Hugging Face / sentence-transformers folder."""
-    from embedder.convert.from_hf import is_hf_folder, read_hf_folder
-
-    src = pathlib.Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"model path {src} does not exist")
-    if is_hf_folder(src) and not (src / "model.json").is_file():
-        hf = read_hf_folder(src)
-        return hf.params, hf.spec
-    from embedder.checkpoint import resolve_model_path
-
-    return resolve_model_path(src)
-
-
 def _tokenizer_source(spec: dict, src: pathlib.Path) -> pathlib.Path:
     from embedder.data.tokenizer import _resolve_file
 
@@ -193,7 +177,9 @@ def convert_to_hf(src, dst, *, overwrite: bool = False,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Converts any saved model at `src` into a Hugging Face folder at `dst`; returns `dst`."""
     src = pathlib.Path(src)
-    params, spec = load_any(src)
+    from embedder.inference import load_params_and_spec
+
+    params, spec = load_params_and_spec(src)
     if "model" not in spec or "tokenizer" not in spec:
         raise ValueError(f"{src}: its model spec lacks 'model' or 'tokenizer' ({sorted(spec)})")
     src_abs, dst_abs = src.absolute(), pathlib.Path(dst).absolute()
