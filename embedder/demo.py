@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax logs every read/write step at INFO through absl; keep its warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     from embedder.train.loop import train
 
     workdir = pathlib.Path(args.workdir).resolve()

@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Orbax logs every read/write step at INFO through absl; keep its warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         score_fn = task_scorer(args.task, metric=args.metric, dim=args.dim,
                                max_queries=args.max_queries) if args.task else None

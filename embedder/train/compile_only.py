@@ -354,6 +354,8 @@ def format_report(r: CompileReport, peak_flops: float | None = None) -> str:
 def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
     """The `--compile_only` command: compile, print the report, return the exit code (0 = fits)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Orbax logs every read/write step at INFO through absl; keep its warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         if topology:
             topo = parse_topology(topology, num_slices)
