@@ -40,8 +40,17 @@ def row(spec: str, num_slices: int = 1) -> str:
 
 
 def main(argv: list[str]) -> int:
-    for spec in argv or DEFAULT:
-        print(row(spec), flush=True)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", nargs="*", metavar="CONFIG.py:ARG",
+                        help=f"pod configs to compile (default: {' '.join(DEFAULT)})")
+    parser.add_argument("--num_slices", type=int, default=1)
+    args = parser.parse_args(argv)
+    for spec in args.specs or DEFAULT:
+        if not (REPO_ROOT / spec.partition(":")[0]).is_file():
+            parser.error(f"no such config file: {spec.partition(':')[0]}")
+        print(row(spec, args.num_slices), flush=True)
     return 0
 
 
