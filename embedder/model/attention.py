@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from embedder.model.config import ModelConfig
 from embedder.model.einsum import Einsum
 from embedder.model.norms import RMSNorm
-from embedder.model.rope import apply_rope
+from embedder.model.rope import apply_rope, rope_inv_freq, rotate
 
 
 def attention_mask(key_mask, window: int | None = None):
@@ -29,6 +29,16 @@ def attention_mask(key_mask, window: int | None = None):
     return mask
 
 
+def per_layer_attention_mask(key_mask, window: int, is_local):
+    """`attention_mask` with the window chosen at run time: `is_local` is a traced bool scalar
+    (one entry of the layer pattern scanned over), so one scanned block serves both kinds."""
+    key_mask = jnp.asarray(key_mask).astype(bool)
+    length = key_mask.shape[-1]
+    pos = jnp.arange(length)
+    near = jnp.abs(pos[:, None] - pos[None, :]) < window
+    return key_mask[:, None, None, :] & (near | ~is_local)[None, None]
+
+
 def _softcap(x, cap):
     return jnp.tanh(x / cap) * cap
 
@@ -36,6 +46,8 @@ def _softcap(x, cap):
 class Attention(nn.Module):
     """Self-attention over `[B, L, D]` with `layer_type` "global" or "local".
 
+    Under `scan_layers` a model that mixes both kinds passes `is_local` (a traced bool
+    scalar) instead, and the window and RoPE frequencies are selected at run time.
     The gemma family rotates q/k with RoPE (local and global bases differ) and
     can QK-normalise; the bert family has biases and no RoPE.
     """
@@ -44,7 +56,7 @@ class Attention(nn.Module):
     layer_type: str = "global"
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool = True):
+    def __call__(self, x, key_mask, deterministic: bool = True, is_local=None):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -67,7 +79,15 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.norm_eps, pdtype, name="q_norm")(q)
             key = RMSNorm(cfg.norm_eps, pdtype, name="k_norm")(key)
         local = self.layer_type == "local"
-        if not bert:
+        if not bert and is_local is not None:
+            positions = jnp.arange(x.shape[1])
+            # Selecting the frequencies (not the rotated q/k) keeps one rotation per layer.
+            inv_freq = jnp.where(
+                is_local, rope_inv_freq(h, base=cfg.rope_base_local),
+                rope_inv_freq(h, base=cfg.rope_base_global, scale_factor=cfg.rope_scale_global))
+            q = rotate(q, positions, inv_freq)
+            key = rotate(key, positions, inv_freq)
+        elif not bert:
             positions = jnp.arange(x.shape[1])
             if local:
                 base, factor = cfg.rope_base_local, 1.0
@@ -77,7 +97,10 @@ class Attention(nn.Module):
             key = apply_rope(key, positions, base=base, scale_factor=factor)
 
         scale = (cfg.query_pre_attn_scalar or h) ** -0.5
-        mask = attention_mask(key_mask, cfg.sliding_window if local else None)
+        if is_local is not None:
+            mask = per_layer_attention_mask(key_mask, cfg.sliding_window, is_local)
+        else:
+            mask = attention_mask(key_mask, cfg.sliding_window if local else None)
         use_dropout = cfg.attention_dropout_rate > 0 and not deterministic
         if cfg.attention_impl != "xla" and not use_dropout:
             # jax.nn.dot_product_attention has no soft-cap or dropout (config validation

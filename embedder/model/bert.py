@@ -10,14 +10,18 @@ from embedder.model.config import ModelConfig
 from embedder.model.feedforward import FeedForward
 from embedder.model.norms import LayerNorm
 from embedder.model.remat import remat_block
+from embedder.model.scan import STACK_NAME, scanned_block
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
 
 class BertBlock(nn.Module):
-    """Attention and MLP, each followed by dropout, residual add and LayerNorm."""
+    """Attention and MLP, each followed by dropout, residual add and LayerNorm.
+
+    `scan_step=True` makes it an `nn.scan` body that returns `(x, None)`."""
 
     config: ModelConfig
+    scan_step: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic: bool):
@@ -30,7 +34,8 @@ class BertBlock(nn.Module):
         h = FeedForward(cfg, name="mlp")(x)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
         x = LayerNorm(cfg.layer_norm_eps, pdtype, name="output_norm")(x + h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scan_step else x
 
 
 class BertEncoder(nn.Module):
@@ -63,6 +68,10 @@ class BertEncoder(nn.Module):
         x = LayerNorm(cfg.layer_norm_eps, pdtype, name="embed_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic or cfg.dropout_rate == 0)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if cfg.scan_layers:
+            stack = scanned_block(BertBlock, cfg)(cfg, scan_step=True, name=STACK_NAME)
+            x, _ = stack(x, attention_mask, deterministic)
+            return x
         block = remat_block(BertBlock, cfg.remat)
         for i in range(cfg.num_layers):
             x = block(cfg, name=f"layer_{i}")(x, attention_mask, deterministic)

@@ -64,6 +64,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "xla"
+    # Run the layers with nn.scan over one block whose params are stacked on a leading
+    # "layers" axis (`encoder/layers/...`, shape [num_layers, ...]) instead of unrolling
+    # `encoder/layer_{i}`: deep models compile in a fraction of the time. The two layouts
+    # convert with embedder.model.layer_stack.{stack_layers, unstack_layers}.
+    scan_layers: bool = False
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
 
@@ -85,6 +90,10 @@ class ModelConfig:
             bad("remat", self.remat, f"use one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", self.attention_impl, f"use one of {ATTENTION_IMPLS}")
+        if not isinstance(self.scan_layers, bool):
+            bad("scan_layers", self.scan_layers, "use True (nn.scan over layers) or False (unrolled)")
+        if self.num_layers < 1:
+            bad("num_layers", self.num_layers, "use at least one layer")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 bad(field, getattr(self, field), f"use one of {DTYPES}")

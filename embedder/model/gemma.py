@@ -10,20 +10,25 @@ from embedder.model.config import ModelConfig
 from embedder.model.feedforward import GatedFeedForward
 from embedder.model.norms import RMSNorm
 from embedder.model.remat import remat_block
+from embedder.model.scan import STACK_NAME, scanned_block
 
 
 class GemmaBlock(nn.Module):
-    """Pre-norm attention and GeGLU, with Gemma 2/3's post-norms when configured."""
+    """Pre-norm attention and GeGLU, with Gemma 2/3's post-norms when configured.
+
+    `scan_step=True` makes it an `nn.scan` body: it returns `(x, None)` and, for a layer
+    pattern mixing local and global layers, takes this layer's `is_local` (a bool scalar)."""
 
     config: ModelConfig
     layer_type: str = "global"
+    scan_step: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, is_local=None):
         cfg = self.config
         pdtype = jnp.dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, pdtype, name="pre_attention_norm")(x)
-        h = Attention(cfg, self.layer_type, name="attention")(h, key_mask, deterministic)
+        h = Attention(cfg, self.layer_type, name="attention")(h, key_mask, deterministic, is_local)
         if cfg.use_post_attn_norm:
             h = RMSNorm(cfg.norm_eps, pdtype, name="post_attention_norm")(h)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
@@ -33,7 +38,8 @@ class GemmaBlock(nn.Module):
         if cfg.use_post_ffw_norm:
             h = RMSNorm(cfg.norm_eps, pdtype, name="post_ffw_norm")(h)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
-        return nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+        return (x, None) if self.scan_step else x
 
 
 class GemmaEncoder(nn.Module):
@@ -54,7 +60,23 @@ class GemmaEncoder(nn.Module):
         # The sqrt(d) factor is cast to the compute dtype first, as HF does (55.5 in bf16).
         x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        block = remat_block(GemmaBlock, cfg.remat)
-        for i, layer_type in enumerate(cfg.layer_types):
-            x = block(cfg, layer_type, name=f"layer_{i}")(x, attention_mask, deterministic)
+        if cfg.scan_layers:
+            x = self._scanned_layers(x, attention_mask, deterministic)
+        else:
+            block = remat_block(GemmaBlock, cfg.remat)
+            for i, layer_type in enumerate(cfg.layer_types):
+                x = block(cfg, layer_type, name=f"layer_{i}")(x, attention_mask, deterministic)
         return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x)
+
+    def _scanned_layers(self, x, attention_mask, deterministic):
+        cfg = self.config
+        kinds = set(cfg.layer_types)
+        if len(kinds) == 1:  # one kind: the window and RoPE base stay static, as unrolled
+            stack = scanned_block(GemmaBlock, cfg)(cfg, kinds.pop(), scan_step=True, name=STACK_NAME)
+            x, _ = stack(x, attention_mask, deterministic)
+            return x
+        is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
+        stack = scanned_block(GemmaBlock, cfg, per_layer_inputs=1)(
+            cfg, "global", scan_step=True, name=STACK_NAME)
+        x, _ = stack(x, attention_mask, deterministic, is_local)
+        return x

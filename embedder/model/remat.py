@@ -6,9 +6,12 @@ import flax.linen as nn
 import jax
 
 
-def remat_block(block_cls, policy: str):
+def remat_block(block_cls, policy: str, *, prevent_cse: bool = True):
     """Wraps a block class with `nn.remat`; blocks are called as
-    `block(x, key_mask, deterministic)` and `deterministic` must stay static."""
+    `block(x, key_mask, deterministic, ...)` and `deterministic` must stay static.
+
+    Inside `nn.scan` pass `prevent_cse=False`: the loop already keeps XLA from merging the
+    recomputation with the forward pass, and the extra barriers only cost performance."""
     if policy == "none":
         return block_cls
     if policy == "full":
@@ -17,4 +20,5 @@ def remat_block(block_cls, policy: str):
         saveable = jax.checkpoint_policies.dots_saveable
     else:
         raise ValueError(f"unknown remat policy {policy!r}; use none, full or dots_saveable")
-    return nn.remat(block_cls, policy=saveable, prevent_cse=True, static_argnums=(3,))  # self=0, x, key_mask, deterministic
+    # static_argnums counts self as 0: x=1, key_mask=2, deterministic=3.
+    return nn.remat(block_cls, policy=saveable, prevent_cse=prevent_cse, static_argnums=(3,))
