@@ -16,6 +16,7 @@ from embedder.convert.hf_config import config_from_hf
 from embedder.convert.hf_mapping import (TensorRule, canonical_name, encoder_rules, find_prefix,
                                          head_rules, set_path)
 from embedder.model.config import ModelConfig
+from embedder.model.layer_stack import stack_layers
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,9 @@ def _dense_dims(path: pathlib.Path) -> int:
 
 def read_hf_folder(src, *, dtype=np.float32, **config_overrides) -> HFModel:
     """Reads a transformers folder (Gemma/Gemma2/Gemma3 text/BERT) or a sentence-transformers
-    folder (Transformer, Pooling, Dense..., Normalize) into params, config and spec."""
+    folder (Transformer, Pooling, Dense..., Normalize) into params, config and spec.
+
+    `config_overrides` are ModelConfig fields, e.g. `scan_layers=True` for stacked layers."""
     src = pathlib.Path(src).absolute()
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a directory")
@@ -244,6 +247,8 @@ def read_hf_folder(src, *, dtype=np.float32, **config_overrides) -> HFModel:
     for rule, path in zip(head_rules(cfg), dense_dirs):
         head = _load_tensors(_safetensors_files(path), [rule], "", dtype, str(path))
         set_path(params, rule.path, np.asarray(head["head"][rule.path[1]]["w"]))
+    if cfg.scan_layers:  # the rules read the unrolled layout; a scanned target stacks it
+        params = stack_layers(params, cfg)
 
     scratch_dirs = []
 
@@ -256,10 +261,13 @@ def read_hf_folder(src, *, dtype=np.float32, **config_overrides) -> HFModel:
     return HFModel(params=params, config=cfg, spec=spec, tokenizer_file=tok_file)
 
 
-def convert_from_hf(src, dst, *, overwrite: bool = False) -> pathlib.Path:
-    """Converts `src` and writes a parameter export to `dst`; returns `dst`."""
+def convert_from_hf(src, dst, *, overwrite: bool = False, scan_layers: bool = False) -> pathlib.Path:
+    """Converts `src` and writes a parameter export to `dst`; returns `dst`.
+
+    `scan_layers=True` writes the scanned layout (`encoder/layers`, stacked) and says so in the
+    spec, for training with `model.scan_layers`."""
     from embedder.checkpoint import save_params
 
-    model = read_hf_folder(src)
+    model = read_hf_folder(src, scan_layers=scan_layers)
     return save_params(dst, model.params, model.spec, tokenizer_file=model.tokenizer_file,
                        overwrite=overwrite)

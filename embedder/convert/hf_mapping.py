@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from embedder.model.config import ModelConfig
+from embedder.model.layer_stack import layer_name, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _gemma_rules(cfg: ModelConfig) -> Iterator[TensorRule]:
     # for the real post-attention norm and add "pre_feedforward_layernorm".
     gemma1_naming = not (cfg.use_post_attn_norm or cfg.use_post_ffw_norm)
     for i in range(cfg.num_layers):
-        hf, ours = f"layers.{i}.", enc + (f"layer_{i}",)
+        hf, ours = f"layers.{i}.", enc + (layer_name(i),)
         att = ours + ("attention",)
         yield TensorRule(hf + "input_layernorm.weight", ours + ("pre_attention_norm", "scale"))
         if gemma1_naming:
@@ -99,7 +100,7 @@ def _bert_rules(cfg: ModelConfig) -> Iterator[TensorRule]:
     yield TensorRule("embeddings.LayerNorm.weight", enc + ("embed_norm", "scale"))
     yield TensorRule("embeddings.LayerNorm.bias", enc + ("embed_norm", "bias"))
     for i in range(cfg.num_layers):
-        hf, ours = f"encoder.layer.{i}.", enc + (f"layer_{i}",)
+        hf, ours = f"encoder.layer.{i}.", enc + (layer_name(i),)
         att = ours + ("attention",)
         for hf_qkv, our_qkv in (("query", "q"), ("key", "k"), ("value", "v")):
             yield TensorRule(hf + f"attention.self.{hf_qkv}.weight", att + (our_qkv, "w"),
@@ -119,7 +120,10 @@ def _bert_rules(cfg: ModelConfig) -> Iterator[TensorRule]:
 
 
 def encoder_rules(cfg: ModelConfig) -> list[TensorRule]:
-    """Rules for the transformer body's tensors (names relative to the checkpoint prefix)."""
+    """Rules for the transformer body's tensors (names relative to the checkpoint prefix).
+
+    Paths are in the unrolled layout (`encoder/layer_{i}/...`) whatever `cfg.scan_layers`
+    says: a scanned tree is stacked / unstacked around them (`embedder.model.layer_stack`)."""
     return list(_gemma_rules(cfg) if cfg.family == "gemma" else _bert_rules(cfg))
 
 
@@ -165,7 +169,11 @@ def get_path(tree: dict, path: tuple[str, ...]) -> Any:
 
 
 def params_to_hf(params: dict, cfg: ModelConfig, prefix: str = "") -> tuple[dict, list[dict]]:
-    """Our params -> (`{hf_name: array}` for the body, `[{"linear.weight": array}]` per Dense)."""
+    """Our params -> (`{hf_name: array}` for the body, `[{"linear.weight": array}]` per Dense).
+
+    A scanned tree (`cfg.scan_layers`) is unstacked first (numpy views, no copies)."""
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg)
     body = {prefix + r.hf_name: r.layout.to_hf(np.asarray(get_path(params, r.path)))
             for r in encoder_rules(cfg)}
     dense = [{r.hf_name: r.layout.to_hf(np.asarray(get_path(params, r.path)))}
