@@ -48,12 +48,16 @@ def _stack(leaves, path: str):
     if len(shapes) != 1:
         raise ValueError(f"stack_layers: leaf {path} has different shapes across layers {sorted(shapes)}; "
                          "the blocks of a scanned model must be identical")
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):  # abstract trees (eval_shape)
+        return jax.ShapeDtypeStruct((len(leaves),) + shapes.pop(), leaves[0].dtype)
     # numpy stays numpy (conversions run on the host), anything else becomes a jax array.
     return np.stack(leaves) if all(_is_numpy(x) for x in leaves) else jnp.stack(leaves)
 
 
 def stack_layers(params: dict, cfg: ModelConfig) -> dict:
     """Unrolled params (`encoder/layer_0 ... layer_{L-1}`) -> scanned (`encoder/layers`).
+
+    Leaves may be numpy arrays, jax arrays, `jax.ShapeDtypeStruct`s or boxed (partitioned) ones.
 
     Every other entry is kept as is (the same objects); numpy leaves give numpy arrays and
     logically partitioned boxes gain the leading "layers" axis name."""
@@ -104,7 +108,9 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
 
     def take(x, i):
         if _is_box(x):
-            return x.replace_boxed(x.unbox()[i]).remove_axis(0, _AXIS_PARAMS)
+            return x.replace_boxed(take(x.unbox(), i)).remove_axis(0, _AXIS_PARAMS)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
         return x[i]
 
     jax.tree_util.tree_map_with_path(check, stacked, is_leaf=_is_box)
