@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import load_tokenizer, pad_batch
 from embedder.model import EmbeddingModel, ModelConfig
+from embedder.model.layer_stack import match_layer_layout
 
 ROLES = ("query", "document")
 
@@ -78,6 +79,8 @@ class Embedder:
         devices = np.array(jax.local_devices())
         self.mesh = Mesh(devices, ("data",))
         self._rows = NamedSharding(self.mesh, P("data"))
+        # A scan_layers override runs an unrolled export scanned (or back): restack to match.
+        params = match_layer_layout(params, self.config)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self._apply = _jitted_apply(self.config)
 

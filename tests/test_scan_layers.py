@@ -262,3 +262,38 @@ def test_full_size_scanned_config_has_the_unrolled_parameters():
             == jax.tree.map(lambda x: x.shape, scanned))
     assert (jax.tree.map(lambda x: x.shape, unstack_layers(scanned, cfg))
             == jax.tree.map(lambda x: x.shape, unrolled))
+
+
+def test_unrolled_export_loads_into_a_scanned_run_and_embedder(tmp_path, repo_root):
+    """`init_from` an unrolled export (every HF conversion is one) into a scan_layers run, and
+    `Embedder(config_overrides={"scan_layers": True})` of it: both restack the layers."""
+    from jax.sharding import Mesh, NamedSharding
+
+    from embedder import Embedder
+    from embedder.checkpoint import save_params
+    from embedder.train.loop import _load_init_params
+
+    cfg = _config("gemma")
+    params = _params(cfg, seed=5)
+    spec = {"model": cfg.to_dict(), "tokenizer": {"kind": "sentencepiece", "file": "debian_sp8k.model",
+                                                  "max_length": 16},
+            "prompts": {"query": None, "document": None}}
+    save_params(tmp_path / "export", params, spec,
+                tokenizer_file=repo_root / "embedder" / "assets" / "debian_sp8k.model")
+
+    scanned_cfg = cfg.replace(scan_layers=True)
+    ids, mask = _batch()
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(
+        EmbeddingModel(scanned_cfg).init(jax.random.key(0), ids, mask)["params"]))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    shardings = type("S", (), {"params": jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)})
+    loaded = _load_init_params(str(tmp_path / "export"), shardings, scanned_cfg)
+    expected = stack_layers(params, scanned_cfg)
+    assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, expected)
+
+    texts = ["a debian package", "kernel headers for building out-of-tree modules"]
+    plain = Embedder.load(tmp_path / "export").encode(texts, role="document")
+    scanned = Embedder.load(tmp_path / "export", config_overrides={"scan_layers": True})
+    assert is_stacked(jax.device_get(scanned.params))
+    np.testing.assert_allclose(scanned.encode(texts, role="document"), plain, atol=1e-5, rtol=0)

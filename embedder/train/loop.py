@@ -121,11 +121,14 @@ def _log_memory(compiled, key) -> None:
              _format_bytes(mem.temp_size_in_bytes))
 
 
-def _load_init_params(path: str, state_shardings) -> Any:
-    """Parameters of `config.init_from` (any saved model or HF folder), placed on the mesh."""
+def _load_init_params(path: str, state_shardings, model_config) -> Any:
+    """Parameters of `config.init_from` (any saved model or HF folder), placed on the mesh
+    in the layer layout `model_config.scan_layers` asks for (HF folders are unrolled)."""
     from embedder.inference import load_params_and_spec
+    from embedder.model.layer_stack import match_layer_layout
 
     params, _ = load_params_and_spec(path)
+    params = match_layer_layout(params, model_config)
     target = state_shardings.params
     ref_struct = jax.tree_util.tree_structure(target)
     if jax.tree_util.tree_structure(params) != ref_struct:
@@ -219,7 +222,7 @@ class Trainer:
                 log.info("resumed from step %d in %s", step, self.workdir)
                 return step
         if self.config.init_from:
-            params = _load_init_params(self.config.init_from, self.state_shardings)
+            params = _load_init_params(self.config.init_from, self.state_shardings, self.model.config)
             self.state = self.state.replace(params=params)
             log.info("initialised parameters from %s", self.config.init_from)
         return 0
