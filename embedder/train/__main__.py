@@ -6,6 +6,7 @@ mesh, ahead-of-time compiles the train step and reports its memory instead.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags
@@ -83,7 +84,23 @@ def _parse_flags(argv):
         sys.exit(1)
 
 
+# -- workdir check: the training writes DIR with local file APIs (pathlib, Orbax on a path), so a
+# URL would become a relative directory named "gs:" or fail deep inside a multi-host start.
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _reject_url_workdir(workdir: str | None) -> None:
+    """Exit 2 with one line when --workdir is a URL (gs://, s3://, ...) instead of a mounted path."""
+    if workdir and _URL_SCHEME.match(workdir):
+        print(f"error: --workdir {workdir!r} is a URL, but the training writes its workdir with local file "
+              "APIs; mount the bucket (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) and pass the "
+              "mounted path (e.g. --workdir /mnt/BUCKET/PATH); launch/tpu_vm.sh and launch/gke_jobset.py "
+              "do this for you.", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
+    _reject_url_workdir(_WORKDIR.value)   # before any JAX / distributed work: cheap and certain
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
