@@ -10,6 +10,16 @@ variables for multi-slice, from which `jax.distributed.initialize()` (the
 `--distributed` flag) finds its peers. The image must hold this package
 installed with the `tpu` extra. `--dry-run` prints the manifest and the kubectl
 command without running anything; delete a job with `kubectl delete jobset NAME`.
+
+The training writes its workdir with local file APIs, so a `gs://BUCKET[/PATH]`
+workdir is mounted into every pod with the GKE Cloud Storage FUSE CSI driver (an
+inline ephemeral volume at /gcs/BUCKET, `implicit-dirs`) and the training gets
+`--workdir /gcs/BUCKET/PATH`. The cluster needs the GcsFuseCsiDriver add-on and
+Workload Identity, and the pods a Kubernetes service account with read/write
+access to the bucket (`--service-account KSA`, e.g. roles/storage.objectUser).
+The pods run on the host network, which the driver serves through the KSA
+(`hostNetworkPodKSA`, a recent GKE version). Any other workdir (e.g. a path on
+a PVC your image mounts) is passed unchanged; other URLs are refused.
 """
 
 from __future__ import annotations
@@ -78,15 +88,52 @@ def _annotation_env(name: str, annotation: str) -> dict:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}}
 
 
+GCS_MOUNT_ROOT = "/gcs"
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_BUCKET = re.compile(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?")
+
+
+def split_gcs_workdir(workdir: str) -> tuple[str, str] | None:
+    """`gs://BUCKET[/PATH]` -> (BUCKET, PATH without outer slashes); None for a plain path.
+
+    Raises ValueError for another URL scheme or a malformed bucket name.
+    """
+    if workdir.startswith("gs://"):
+        bucket, _, path = workdir[len("gs://"):].partition("/")
+        if not _BUCKET.fullmatch(bucket):
+            raise ValueError(f"--workdir {workdir!r}: {bucket!r} is not a bucket name (lowercase letters, digits, "
+                             "'-', '_', '.'); use --workdir gs://BUCKET/PATH, e.g. gs://my-bucket/run1")
+        return bucket, path.strip("/")
+    if _URL_SCHEME.match(workdir):
+        raise ValueError(f"--workdir {workdir!r}: only gs://BUCKET/PATH (mounted with the Cloud Storage FUSE CSI "
+                         "driver) or a path inside the container (e.g. a PVC your image mounts) can be a workdir")
+    return None
+
+
 def render_jobset(*, name: str, topology: str, num_slices: int, image: str, workdir: str,
-                  train_args: list[str], max_restarts: int = 0, env: dict[str, str] | None = None) -> dict:
-    """The JobSet manifest as a dict (yaml.safe_dump it for kubectl)."""
+                  train_args: list[str], max_restarts: int = 0, env: dict[str, str] | None = None,
+                  service_account: str | None = None) -> dict:
+    """The JobSet manifest as a dict (yaml.safe_dump it for kubectl).
+
+    A gs:// workdir is mounted with the Cloud Storage FUSE CSI driver and the training gets the
+    mounted path; `service_account` becomes the pods' serviceAccountName (the KSA the driver
+    authenticates as).
+    """
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", name):
         raise ValueError(f"--name {name!r} must be a DNS label: lowercase letters, digits and '-', at most 40 characters")
     if num_slices < 1:
         raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
+    if service_account is not None and not re.fullmatch(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?", service_account):
+        raise ValueError(f"--service-account {service_account!r} must be a Kubernetes service account name "
+                         "(lowercase letters, digits, '-', '.')")
     shape = parse_topology(topology)
-    command = ["python", "-m", "embedder.train", "--distributed", "--workdir", workdir] + list(train_args)
+    gcs = split_gcs_workdir(workdir)
+    train_workdir = workdir
+    if gcs is not None:
+        bucket, path = gcs
+        mount_path = f"{GCS_MOUNT_ROOT}/{bucket}"
+        train_workdir = f"{mount_path}/{path}" if path else mount_path
+    command = ["python", "-m", "embedder.train", "--distributed", "--workdir", train_workdir] + list(train_args)
     container_env = [
         _annotation_env("JOBSET_NAME", "jobset.sigs.k8s.io/jobset-name"),
         _annotation_env("REPLICATED_JOB_NAME", "jobset.sigs.k8s.io/replicatedjob-name"),
@@ -118,6 +165,31 @@ def render_jobset(*, name: str, topology: str, num_slices: int, image: str, work
             "resources": {"limits": {"google.com/tpu": shape.chips_per_host}},
         }],
     }
+    pod_template = {}
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if gcs is not None:
+        # The first annotation makes GKE inject the gcsfuse sidecar. gcsfuse stages each written
+        # file on local disk before uploading it, so the sidecar's default limits (a few GiB of
+        # ephemeral storage) would kill a large checkpoint write: "0" lifts them. The pods use the
+        # host network, which the driver authenticates through the pod's KSA only when asked
+        # (hostNetworkPodKSA).
+        pod_template["metadata"] = {"annotations": {
+            "gke-gcsfuse/volumes": "true",
+            "gke-gcsfuse/cpu-limit": "0",
+            "gke-gcsfuse/memory-limit": "0",
+            "gke-gcsfuse/ephemeral-storage-limit": "0",
+        }}
+        pod_spec["volumes"] = [{
+            "name": "gcs-workdir",
+            "csi": {
+                "driver": "gcsfuse.csi.storage.gke.io",
+                "volumeAttributes": {"bucketName": bucket, "mountOptions": "implicit-dirs",
+                                     "hostNetworkPodKSA": "true"},
+            },
+        }]
+        pod_spec["containers"][0]["volumeMounts"] = [{"name": "gcs-workdir", "mountPath": mount_path}]
+    pod_template["spec"] = pod_spec
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
@@ -137,7 +209,7 @@ def render_jobset(*, name: str, topology: str, num_slices: int, image: str, work
                     "completions": shape.hosts,
                     "completionMode": "Indexed",
                     "backoffLimit": 0,
-                    "template": {"spec": pod_spec},
+                    "template": pod_template,
                 }},
             }],
         },
@@ -150,7 +222,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--topology", required=True, help="slice topology, e.g. v5e:4x4, v5p:2x2x4, v6e:8x8")
     parser.add_argument("--num-slices", type=int, default=1, help="number of slices (multi-slice over DCN)")
     parser.add_argument("--image", required=True, help="container image with embedder[tpu] installed")
-    parser.add_argument("--workdir", required=True, help="run directory, e.g. gs://BUCKET/run1")
+    parser.add_argument("--workdir", required=True,
+                        help="run directory: gs://BUCKET/PATH (mounted with Cloud Storage FUSE) or a path in the pod")
+    parser.add_argument("--service-account", metavar="KSA",
+                        help="Kubernetes service account for the pods (with a gs:// workdir it needs read/write "
+                             "access to the bucket through Workload Identity)")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="JobSet restarts on failure (training resumes from the last checkpoint)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -179,10 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = render_jobset(name=args.name, topology=args.topology, num_slices=args.num_slices,
                                  image=args.image, workdir=args.workdir, train_args=args.train_args,
-                                 max_restarts=args.max_restarts, env=args.env_vars)
+                                 max_restarts=args.max_restarts, env=args.env_vars,
+                                 service_account=args.service_account)
     except ValueError as e:
         print(f"gke_jobset.py: {e}", file=sys.stderr)
         return 2
+    if args.workdir.startswith("gs://") and not args.service_account:
+        print("gke_jobset.py: warning: no --service-account: the pods mount the gs:// workdir with the Cloud "
+              "Storage FUSE CSI driver and need a Kubernetes service account with storage access to the bucket "
+              "(Workload Identity); the namespace's default KSA is used", file=sys.stderr)
     text = yaml.safe_dump(manifest, sort_keys=False)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

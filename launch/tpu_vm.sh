@@ -9,15 +9,25 @@
 #   create  gcloud compute tpus tpu-vm create (the accelerator type names the slice, e.g.
 #           v5litepod-16 = 16 v5e chips on 4 hosts).
 #   setup   copy this checkout to every worker and install it with the tpu extra and the
-#           pinned constraints (--worker=all).
+#           pinned constraints (--worker=all); with a gs:// workdir also install gcsfuse
+#           (Google's apt repo, skipped where `gcsfuse` is already on PATH).
 #   run     `python -m embedder.train --distributed --workdir WORKDIR <args>` on all workers at
 #           once; jax.distributed finds its peers from the TPU metadata by itself.
 #   delete  tear the VM down (also runs on failure of `run` when `delete` was asked for).
-# --dry-run prints every command instead of running it. The workdir should be on GCS so that
-# every host writes its checkpoint shards to one place and the results outlive the VM.
+# --dry-run prints every command instead of running it.
+#
+# The workdir must be one place that every host writes its checkpoint shards to and that
+# outlives the VM. The training writes it with local file APIs, so:
+#   gs://BUCKET[/PATH]  the run step first mounts the bucket on every worker with Cloud Storage
+#           FUSE at ~/gcs/BUCKET (`gcsfuse --implicit-dirs`, skipped where it is already
+#           mounted) and trains with --workdir ~/gcs/BUCKET/PATH. The VM's service account
+#           needs read/write access to the bucket (e.g. roles/storage.objectUser).
+#   /PATH   any other path (e.g. a Filestore / NFS mount present on every worker) is passed
+#           unchanged. Other URLs (s3://, http://, ...) are refused.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment above, up to the first line that is not a comment.
+usage() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
 
 DRY_RUN=0
 NAME=""
@@ -75,6 +85,25 @@ if has_step run; then
     [[ ${#TRAIN_ARGS[@]} -gt 0 ]] || die "give the train arguments after --, e.g. -- --config experiments/pod_gemma3_1b.py:prefinetune"
 fi
 
+# A gs:// workdir becomes a gcsfuse mount on every worker (see the header); other URLs are refused.
+GCS_MOUNT_ROOT='~/gcs'   # expanded by the remote shell, so it is the worker user's home
+GCS_BUCKET=""
+GCS_PATH=""
+URL_RE='^[A-Za-z][A-Za-z0-9+.-]*://'
+BUCKET_RE='^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$'
+if [[ "$WORKDIR" == gs://* ]]; then
+    rest="${WORKDIR#gs://}"
+    GCS_BUCKET="${rest%%/*}"
+    [[ "$rest" == */* ]] && GCS_PATH="${rest#*/}"
+    while [[ "$GCS_PATH" == /* ]]; do GCS_PATH="${GCS_PATH#/}"; done
+    while [[ "$GCS_PATH" == */ ]]; do GCS_PATH="${GCS_PATH%/}"; done
+    [[ "$GCS_BUCKET" =~ $BUCKET_RE ]] || die "--workdir '$WORKDIR': '$GCS_BUCKET' is not a bucket name" \
+        "(lowercase letters, digits, '-', '_', '.'); use --workdir gs://BUCKET/PATH, e.g. gs://my-bucket/run1"
+elif [[ "$WORKDIR" =~ $URL_RE ]]; then
+    die "--workdir '$WORKDIR': only gs://BUCKET/PATH (mounted with gcsfuse on every worker) or a path" \
+        "that every worker shares (e.g. a Filestore/NFS mount) can be a workdir"
+fi
+
 COMMON=(--zone "$ZONE")
 [[ -n "$PROJECT" ]] && COMMON+=(--project "$PROJECT")
 
@@ -96,21 +125,37 @@ step_create() {
         --accelerator-type "$ACCELERATOR" --version "$VERSION" "${extra[@]}"
 }
 
+# Idempotent: installs gcsfuse from Google's apt repo only where it is missing. The lock timeout
+# waits for the unattended upgrades a freshly booted VM runs instead of failing on apt's lock.
+GCSFUSE_INSTALL='command -v gcsfuse >/dev/null 2>&1 || { echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get -o DPkg::Lock::Timeout=600 update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse; }'
+
 step_setup() {
     # Ship the working tree (not the local venv or build outputs), then install on every worker.
     run tar -czf "$TARBALL" -C "$REPO_ROOT" --exclude=.venv --exclude=.git --exclude='*.egg-info' \
         --exclude=__pycache__ .
     run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:/tmp/embedder.tar.gz" "${COMMON[@]}" --worker=all
-    local setup="set -e; mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/embedder.tar.gz -C ~/$REMOTE_DIR"
+    local setup="set -e; "
+    [[ -n "$GCS_BUCKET" ]] && setup+="$GCSFUSE_INSTALL; "
+    setup+="mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/embedder.tar.gz -C ~/$REMOTE_DIR"
     setup+=" && cd ~/$REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip"
     setup+=" && .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
     run gcloud compute tpus tpu-vm ssh "$NAME" "${COMMON[@]}" --worker=all --command "$setup"
 }
 
 step_run() {
-    local quoted
+    local quoted workdir mount=""
     quoted="$(printf ' %q' "${TRAIN_ARGS[@]}")"
-    local cmd="cd ~/$REMOTE_DIR && .venv/bin/python -m embedder.train --distributed --workdir $(printf '%q' "$WORKDIR")$quoted"
+    workdir="$(printf '%q' "$WORKDIR")"
+    if [[ -n "$GCS_BUCKET" ]]; then
+        # The bucket name is validated above, so it needs no quoting; the tilde must stay bare.
+        local mnt="$GCS_MOUNT_ROOT/$GCS_BUCKET"
+        mount="if ! mountpoint -q $mnt; then command -v gcsfuse >/dev/null || { echo \"gcsfuse is not"
+        mount+=" installed on \$(hostname); run the setup step with this gs:// --workdir\" >&2; exit 1; };"
+        mount+=" mkdir -p $mnt && gcsfuse --implicit-dirs $GCS_BUCKET $mnt; fi && "
+        workdir="$mnt"
+        [[ -n "$GCS_PATH" ]] && workdir+="/$(printf '%q' "$GCS_PATH")"
+    fi
+    local cmd="${mount}cd ~/$REMOTE_DIR && .venv/bin/python -m embedder.train --distributed --workdir $workdir$quoted"
     run gcloud compute tpus tpu-vm ssh "$NAME" "${COMMON[@]}" --worker=all --command "$cmd"
 }
 
