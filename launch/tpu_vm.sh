@@ -18,10 +18,11 @@
 #
 # The workdir must be one place that every host writes its checkpoint shards to and that
 # outlives the VM. The training writes it with local file APIs, so:
-#   gs://BUCKET[/PATH]  the run step first mounts the bucket on every worker with Cloud Storage
-#           FUSE at ~/gcs/BUCKET (`gcsfuse --implicit-dirs`, skipped where it is already
-#           mounted) and trains with --workdir ~/gcs/BUCKET/PATH. The VM's service account
-#           needs read/write access to the bucket (e.g. roles/storage.objectUser).
+#   gs://BUCKET[/PATH]  the run step first mounts the bucket on every worker with Cloud
+#           Storage FUSE at ~/gcs/BUCKET (`gcsfuse --implicit-dirs`, skipped where it is
+#           already mounted and readable) and trains with --workdir ~/gcs/BUCKET/PATH. The
+#           VM's service account needs read/write access to the bucket (e.g.
+#           roles/storage.objectUser).
 #   /PATH   any other path (e.g. a Filestore / NFS mount present on every worker) is passed
 #           unchanged. Other URLs (s3://, http://, ...) are refused.
 set -euo pipefail
@@ -148,10 +149,13 @@ step_run() {
     workdir="$(printf '%q' "$WORKDIR")"
     if [[ -n "$GCS_BUCKET" ]]; then
         # The bucket name is validated above, so it needs no quoting; the tilde must stay bare.
+        # A mount whose gcsfuse died is still listed but unreadable ("Transport endpoint is not
+        # connected"): lazily unmount it and mount again instead of training into it.
         local mnt="$GCS_MOUNT_ROOT/$GCS_BUCKET"
-        mount="if ! mountpoint -q $mnt; then command -v gcsfuse >/dev/null || { echo \"gcsfuse is not"
-        mount+=" installed on \$(hostname); run the setup step with this gs:// --workdir\" >&2; exit 1; };"
-        mount+=" mkdir -p $mnt && gcsfuse --implicit-dirs $GCS_BUCKET $mnt; fi && "
+        mount="if ! { mountpoint -q $mnt && ls $mnt >/dev/null 2>&1; }; then command -v gcsfuse >/dev/null"
+        mount+=" || { echo \"gcsfuse is not installed on \$(hostname); run the setup step with this gs://"
+        mount+=" --workdir\" >&2; exit 1; }; fusermount -uz $mnt 2>/dev/null || fusermount3 -uz $mnt"
+        mount+=" 2>/dev/null || true; mkdir -p $mnt && gcsfuse --implicit-dirs $GCS_BUCKET $mnt; fi && "
         workdir="$mnt"
         [[ -n "$GCS_PATH" ]] && workdir+="/$(printf '%q' "$GCS_PATH")"
     fi

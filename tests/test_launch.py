@@ -130,7 +130,7 @@ def test_tpu_vm_gs_workdir_installs_gcsfuse_then_mounts_before_training():
     assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" in install
     assert install.rstrip("; ").endswith("install -y -qq gcsfuse; }")
     mount, _, train = run.rpartition(" && ")
-    assert "mountpoint -q ~/gcs/my-bucket;" in mount
+    assert "mountpoint -q ~/gcs/my-bucket &&" in mount
     assert "gcsfuse --implicit-dirs my-bucket ~/gcs/my-bucket;" in mount
     # PATH kept (outer slashes dropped), under the mount root; the tilde stays bare for the worker's shell.
     assert shlex.split(train) == [".venv/bin/python", "-m", "embedder.train", "--distributed", "--workdir",
@@ -158,6 +158,15 @@ def test_tpu_vm_remote_snippets_really_mount_once_and_install_only_when_missing(
         f"gcsfuse --implicit-dirs my-bucket {mnt}",                 # mounted once: the second run finds it
         f"python -m embedder.train --distributed --workdir {mnt}/runs/r1 --config c.py",
         f"python -m embedder.train --distributed --workdir {mnt}/runs/r1 --config c.py"]
+
+    # A dead mount (listed, but unreadable) is unmounted and mounted again.
+    log.unlink()
+    _stub(bin_dir, "ls", "exit 2")
+    _stub(bin_dir, "fusermount", f'echo "fusermount $*" >> {log}')
+    r = _run(["bash", "-c", run], env=env)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines()[:2] == [f"fusermount -uz {mnt}", f"gcsfuse --implicit-dirs my-bucket {mnt}"]
+    (bin_dir / "ls").unlink()
 
     # Without gcsfuse the run says so and never starts the training.
     (bin_dir / "gcsfuse").unlink()
