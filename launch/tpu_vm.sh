@@ -128,7 +128,13 @@ step_create() {
 
 # Idempotent: installs gcsfuse from Google's apt repo only where it is missing. The lock timeout
 # waits for the unattended upgrades a freshly booted VM runs instead of failing on apt's lock.
-GCSFUSE_INSTALL='command -v gcsfuse >/dev/null 2>&1 || { echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get -o DPkg::Lock::Timeout=600 update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse; }'
+GCSFUSE_INSTALL='command -v gcsfuse >/dev/null 2>&1 || { echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
+GCSFUSE_INSTALL+=' https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main"'
+GCSFUSE_INSTALL+=' | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null'
+GCSFUSE_INSTALL+=' && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg'
+GCSFUSE_INSTALL+=' | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null'
+GCSFUSE_INSTALL+=' && sudo apt-get -o DPkg::Lock::Timeout=600 update -qq'
+GCSFUSE_INSTALL+=' && sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse; }'
 
 step_setup() {
     # Ship the working tree (not the local venv or build outputs), then install on every worker.

@@ -308,6 +308,9 @@ def test_gke_jobset_local_workdir_is_unchanged():
     assert container["command"][container["command"].index("--workdir") + 1] == "/data/runs/r1"
     template, _ = _gke_manifest("/data/runs/r1", "--service-account", "trainer")
     assert template["spec"]["serviceAccountName"] == "trainer" and "volumes" not in template["spec"]
+    r = _run([PY, "launch/gke_jobset.py", "--name", "r", "--topology", "v5e:4x4", "--image", "i",
+              "--workdir", "gs://b/r", "--service-account", "Trainer_SA", "--dry-run"])
+    assert r.returncode == 2 and "--service-account 'Trainer_SA' must be a Kubernetes service account" in r.stderr
 
 
 @pytest.mark.parametrize("workdir,message", [
