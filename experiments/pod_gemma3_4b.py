@@ -11,11 +11,13 @@ Check it fits, here or anywhere (needs the `tpu` extra, no TPU):
 
     python -m embedder.train --config experiments/pod_gemma3_4b.py:prefinetune --compile_only --topology v6e:4x8
 
-Run it (the workdir on GCS; start from a converted Gemma 3 checkpoint with --config.init_from):
+Run it (tpu_vm.sh mounts the gs:// workdir's bucket with gcsfuse at ~/gcs/BUCKET on every worker,
+so training data in that bucket is read from the mount; start from a converted Gemma 3
+checkpoint with --config.init_from):
 
     launch/tpu_vm.sh --name emb4b --zone ZONE --accelerator v6e-32 --workdir gs://BUCKET/emb4b \\
         -- --config experiments/pod_gemma3_4b.py:prefinetune --config.tokenizer.file=/path/gemma3/tokenizer.model \\
-           --config.data.datasets='[{"name": "pairs", "files": ["gs://BUCKET/pairs-*.jsonl.gz"]}]'
+           --config.data.datasets='[{"name": "pairs", "files": ["/home/USER/gcs/BUCKET/pairs-*.jsonl.gz"]}]'
 """
 
 from embedder.train.pod_recipe import pod_config
