@@ -8,11 +8,10 @@ reproduces `embedder/assets/debian_sp8k.model` from the shipped Debian pairs.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import pathlib
 import sys
 
+from embedder.data.jsonl import iter_jsonl
 from embedder.data.prompts import TASK_NAMES, Prompts
 from embedder.data.tokenizer import train_sentencepiece
 
@@ -21,20 +20,14 @@ REPO_DATA = pathlib.Path(__file__).resolve().parents[2] / "data" / "debian" / "t
 
 def pair_texts(path: str | pathlib.Path, fields=("query", "positive")):
     """Yields the `fields` strings of every JSONL(.gz) record in `path`."""
-    path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
-            for field in fields:
-                value = record.get(field)
-                if isinstance(value, str) and value:
-                    yield value
+    def bad(message):
+        raise SystemExit(f"{message}; fix or remove the line")
+
+    for _, record in iter_jsonl(path, on_error=bad):
+        for field in fields:
+            value = record.get(field)
+            if isinstance(value, str) and value:
+                yield value
 
 
 def main(argv=None) -> int:

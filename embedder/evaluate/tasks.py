@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import json
 import pathlib
 from typing import Any
+
+from embedder.data.jsonl import iter_jsonl
 
 TASK_TYPES = ("retrieval", "classification", "clustering", "sts", "pair_classification", "reranking")
 
@@ -62,21 +63,10 @@ def find_jsonl(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
     """All records of a `.jsonl` / `.jsonl.gz` file; a bad line raises with file and line."""
-    path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    records = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise TaskFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+    def bad(message):
+        raise TaskFormatError(f"{message}; each line must be one JSON object")
+
+    return [record for _, record in iter_jsonl(path, on_error=bad)]
 
 
 def _require(records: list[dict], path: pathlib.Path, fields: tuple[str, ...]) -> None:

@@ -1,12 +1,12 @@
 """Read training records (design.md format, Debian pairs, BEIR corpora) and write JSONL outputs."""
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
 import os
-from typing import IO, Iterator
+from typing import Iterator
+
+from embedder.data.jsonl import iter_jsonl, open_text  # noqa: F401  (open_text re-exported)
 
 log = logging.getLogger("embedder.synth")
 
@@ -15,35 +15,19 @@ class RecordError(ValueError):
     """A bad input line, named by file and line number."""
 
 
-def open_text(path: str | os.PathLike, mode: str = "r") -> IO[str]:
-    """Open .jsonl or .jsonl.gz for text reading or writing."""
-    path = os.fspath(path)
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
-
-
 def read_jsonl(path: str | os.PathLike, *, strict: bool = False, counts: dict | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object); bad lines raise (strict) or are logged and counted as `bad_lines`."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--in {os.fspath(path)!r} does not exist")
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-            except ValueError as err:
-                msg = f"{os.fspath(path)}:{lineno}: {err}"
-                if strict:
-                    raise RecordError(msg + " (fix the line or drop --strict to skip bad lines)") from None
-                log.warning("skipping bad line %s", msg)
-                if counts is not None:
-                    counts["bad_lines"] = counts.get("bad_lines", 0) + 1
-                continue
-            yield lineno, obj
+
+    def bad(message):
+        if strict:
+            raise RecordError(message + " (fix the line or drop --strict to skip bad lines)")
+        log.warning("skipping bad line %s", message)
+        if counts is not None:
+            counts["bad_lines"] = counts.get("bad_lines", 0) + 1
+
+    yield from iter_jsonl(path, on_error=bad)
 
 
 def normalise_pair(obj: dict, where: str) -> dict:
