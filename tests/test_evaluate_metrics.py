@@ -32,6 +32,18 @@ def test_exact_top_k_matches_full_sort_with_small_blocks():
     assert i_all.shape == (13, 101)
 
 
+def test_exact_top_k_ties_across_blocks_keep_the_lowest_indices():
+    # Every document ties, in blocks smaller than k and not dividing it: the k lowest
+    # indices must win, exactly, whatever the blocking (argpartition alone would not).
+    c = np.ones((41, 4), np.float32)
+    c[[3, 17]] = 2.0  # two strictly better documents
+    q = np.ones((3, 4), np.float32)
+    for block in (1, 3, 7, 16, 64):
+        scores, idx = exact_top_k(q, c, 6, query_block=2, corpus_block=block)
+        np.testing.assert_array_equal(idx, [[3, 17, 0, 1, 2, 4]] * 3)
+        np.testing.assert_array_equal(scores, [[8, 8, 4, 4, 4, 4]] * 3)
+
+
 def test_exact_top_k_rejects_bad_shapes():
     with pytest.raises(ValueError, match="same D"):
         exact_top_k(np.zeros((2, 3)), np.zeros((4, 5)), 2)

@@ -34,7 +34,7 @@ def test_exact_top_k_matches_loop_reference(query_chunk, doc_chunk):
     q = rng.normal(size=(11, 8)).astype(np.float32)
     d = rng.normal(size=(40, 8)).astype(np.float32)
     d[5] = d[6]  # a tie: the lower index must win regardless of chunking
-    s, i = exact_top_k(q, d, 9, query_chunk=query_chunk, doc_chunk=doc_chunk)
+    s, i = exact_top_k(q, d, 9, query_block=query_chunk, corpus_block=doc_chunk)
     rs, ri = reference_top_k(q, d, 9)
     np.testing.assert_array_equal(i, ri)
     np.testing.assert_allclose(s, rs, rtol=1e-5, atol=1e-5)

@@ -4,12 +4,27 @@ from __future__ import annotations
 import numpy as np
 
 
+def _keep_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns of each row, where columns are in ascending index order and equal
+    scores prefer the lower index, exactly (so results never depend on the blocking).
+    Output columns stay in ascending index order."""
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]
+    above = scores > kth
+    ties = scores == kth
+    # Ties at the k-th score fill the remaining places lowest index first.
+    room = k - above.sum(axis=1, keepdims=True)
+    keep = above | (ties & (np.cumsum(ties, axis=1) <= room))
+    rows = scores.shape[0]
+    return scores[keep].reshape(rows, k), indices[keep].reshape(rows, k)
+
+
 def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block: int = 512,
                 corpus_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Top-k corpus rows by dot product for each query row.
 
     Returns `(scores, indices)`, each `[Q, min(k, N)]`, best first; equal scores keep
-    the lower corpus index first. Memory is `query_block x (corpus_block + k)` floats.
+    the lower corpus index first, whatever the block sizes. Memory is
+    `query_block x (corpus_block + k)` floats.
     """
     queries = np.asarray(queries, dtype=np.float32)
     corpus = np.asarray(corpus, dtype=np.float32)
@@ -17,8 +32,12 @@ def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block:
         raise ValueError(f"exact_top_k: need [Q, D] queries and [N, D] corpus with the same D, got {queries.shape} and {corpus.shape}")
     if k < 1:
         raise ValueError(f"exact_top_k: k must be >= 1, got {k}")
+    if query_block < 1 or corpus_block < 1:
+        raise ValueError(f"exact_top_k: query_block={query_block} and corpus_block={corpus_block} must be >= 1")
     n = corpus.shape[0]
     k = min(k, n)
+    if k < 1:
+        raise ValueError("exact_top_k: the corpus is empty")
     all_scores = np.empty((queries.shape[0], k), np.float32)
     all_indices = np.empty((queries.shape[0], k), np.int64)
     for q0 in range(0, queries.shape[0], query_block):
@@ -28,15 +47,12 @@ def exact_top_k(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block:
         for c0 in range(0, n, corpus_block):
             block = q @ corpus[c0:c0 + corpus_block].T
             idx = np.broadcast_to(np.arange(c0, c0 + block.shape[1]), block.shape)
-            # Candidates are the running best plus this block; keep the k best of them.
-            cand_scores = np.concatenate([best_scores, block], axis=1)
-            cand_indices = np.concatenate([best_indices, idx], axis=1)
-            if cand_scores.shape[1] > k:
-                part = np.argpartition(-cand_scores, k - 1, axis=1)[:, :k]
-                cand_scores = np.take_along_axis(cand_scores, part, axis=1)
-                cand_indices = np.take_along_axis(cand_indices, part, axis=1)
-            best_scores, best_indices = cand_scores, cand_indices
-        # Sort by score descending, then index ascending (argpartition breaks ties arbitrarily).
+            # The running best (all from earlier blocks, ascending index) then this block:
+            # candidates stay in ascending index order, which the tie rule relies on.
+            best_scores = np.concatenate([best_scores, block], axis=1)
+            best_indices = np.concatenate([best_indices, idx], axis=1)
+            if best_scores.shape[1] > k:
+                best_scores, best_indices = _keep_k(best_scores, best_indices, k)
         order = np.lexsort((best_indices, -best_scores), axis=1)
         all_scores[q0:q0 + query_block] = np.take_along_axis(best_scores, order, axis=1)
         all_indices[q0:q0 + query_block] = np.take_along_axis(best_indices, order, axis=1)
