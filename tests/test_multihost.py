@@ -74,3 +74,45 @@ def test_two_processes_match_one_process(tmp_path):
     for (k, a), (_, b) in zip(flat1, flat2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(k))
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason="experiments/demo.py is not there yet")
+def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """A preemption notice reaching one host only: all hosts agree on one step (JAX's
+    preemption service), save it together and exit 0, instead of one host entering a
+    collective save the others never join."""
+    import re
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    overrides = [o for o in OVERRIDES if not o.startswith(("--config.total_steps", "--config.checkpoint.every"))]
+    cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+           "--devices-per-process", "4", "--timeout", "400", "--",
+           "--config", f"{DEMO}:prefinetune", "--workdir", str(workdir), *overrides,
+           "--config.total_steps=1000", "--config.checkpoint.every_steps=1000"]
+    env = dict(os.environ)
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd=ROOT)
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert launcher.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2, children
+        # Popen order: the second child is process 1, a non-coordinator host.
+        os.kill(int(sorted(children, key=int)[1]), signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, out[-4000:]
+    saved = {p: re.findall(rf"\[{p}\].*SIGTERM received: saved step (\d+)", out) for p in ("p0", "p1")}
+    assert saved["p0"] and saved["p0"] == saved["p1"], (saved, out[-4000:])
+    step = int(saved["p0"][0])
+    assert 2 <= step < 1000
+    assert (workdir / "checkpoints" / str(step)).is_dir(), sorted(p.name for p in (workdir / "checkpoints").iterdir())
