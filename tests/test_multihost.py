@@ -108,8 +108,12 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
         os.kill(int(sorted(children, key=int)[1]), signal.SIGTERM)
         out, _ = launcher.communicate(timeout=300)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        if launcher.poll() is None:  # a hang: the launcher stops its processes on SIGINT
+            launcher.send_signal(signal.SIGINT)
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
     assert launcher.returncode == 0, out[-4000:]
     saved = {p: re.findall(rf"\[{p}\].*SIGTERM received: saved step (\d+)", out) for p in ("p0", "p1")}
     assert saved["p0"] and saved["p0"] == saved["p1"], (saved, out[-4000:])
