@@ -233,11 +233,27 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
     return params, spec, report
 
 
+def _architecture(model: dict) -> dict:
+    """A spec's model config without the run-time fields (`RUN_FIELDS`), a missing field
+    read as its default (specs written before the field existed)."""
+    import dataclasses
+
+    from embedder.model.config import RUN_FIELDS, ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+    def norm(v):
+        return tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return {k: norm(model.get(k, defaults.get(k))) for k in sorted((set(model) | set(defaults)) - set(RUN_FIELDS))}
+
+
 def _check_specs(specs, entries) -> None:
+    ref = _architecture(specs[0].get("model") or {})
     for spec, entry in zip(specs[1:], entries[1:]):
-        if spec.get("model") != specs[0].get("model"):
-            diff = sorted(k for k in set(spec["model"]) | set(specs[0]["model"])
-                          if spec["model"].get(k) != specs[0]["model"].get(k))
+        arch = _architecture(spec.get("model") or {})
+        if arch != ref:
+            diff = [k for k in ref if arch.get(k) != ref[k]]
             raise SoupError(f"model configs differ between {entries[0]['path']} and {entry['path']} "
                             f"in {diff}; only runs of one architecture can be souped")
 

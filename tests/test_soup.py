@@ -152,6 +152,17 @@ def test_errors(tmp_path):
         soup.make_soup([a, e])
 
 
+def test_run_time_fields_do_not_block_a_soup(tmp_path):
+    # A fine-tuned run (MRL dims, dropout, bf16 compute) souped with its base export
+    # (WiSE-FT), and a spec written before a field existed: same architecture.
+    a = export(tmp_path, "a", params_of(0), spec={**SPEC, "model": {**SPEC["model"], "scan_layers": False}})
+    tuned = {**SPEC["model"], "mrl_dims": [8, 4], "dropout_rate": 0.1, "dtype": "bfloat16"}
+    b = export(tmp_path, "b", params_of(1), spec={**SPEC, "model": tuned})
+    params, spec, _ = soup.make_soup([a, b], method="weighted", weights=[1, 1])
+    assert spec["model"] == {**SPEC["model"], "scan_layers": False}
+    assert_bitwise(params, reference([params_of(0), params_of(1)], [0.5, 0.5]))
+
+
 def test_cli_writes_loadable_soup(tmp_path, capsys):
     ingredients = [params_of(s) for s in range(2)]
     paths = [str(export(tmp_path, f"m{i}", p)) for i, p in enumerate(ingredients)]

@@ -17,6 +17,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("global", "local")
 
 
+# Fields that say how a model trains or runs, not which function its parameters compute:
+# models that differ only here share parameters (soups average them; exports and
+# `Embedder(config_overrides=...)` may change them).
+RUN_FIELDS = ("mrl_dims", "dtype", "remat", "attention_impl", "scan_layers", "dropout_rate",
+              "attention_dropout_rate")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Encoder + pooling/projection head. Sizes are per the published HF configs."""
