@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     if (wd / "eval_finetuned.json").is_file():
         rows["+ embedder fine-tune"] = json.loads((wd / "eval_finetuned.json").read_text())
         ours_timing = json.loads((wd / "timing.json").read_text()).get("train", {})
+    if (wd / "eval_wise.json").is_file():
+        rows["+ embedder fine-tune souped with base (WiSE-FT)"] = json.loads((wd / "eval_wise.json").read_text())
     rows["+ sentence-transformers fine-tune"] = st_results
     table = ours.write_table(rows, wd / "side_by_side.md", wd / "side_by_side.png")
     summary = {"sentence_transformers": timing, "embedder": ours_timing}
