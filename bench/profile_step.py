@@ -1,0 +1,104 @@
+"""Where our train step's time goes: a jax.profiler trace of one step, summed per HLO op.
+
+    .venv/bin/python bench/profile_step.py --length 64 --dtype float32 [--top 30] [--trace-dir DIR]
+
+Builds the same step as `train_step.py` (all-MiniLM-L6-v2, 64 triples, MRL + one hard
+negative), runs two warm-up steps, traces one, and prints the thread time of each
+executed op (thunk) grouped two ways: by kind (matmul fusions, elementwise fusions,
+copies, ...) and by the model operation XLA names in its metadata (e.g.
+`encoder/layer_N/mlp/up`). Thread times add up over the CPU threads that ran ops,
+so shares are the meaningful number; on a loaded machine every op stretches alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import sys
+import tempfile
+
+import measure  # noqa: F401  (sets the environment before JAX is imported)
+
+import train_step
+
+
+def op_metadata(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the op_name XLA keeps in its metadata (the traced JAX op)."""
+    meta = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        meta[m.group(1)] = m.group(2)
+    return meta
+
+
+def op_times(trace_dir: pathlib.Path) -> collections.Counter:
+    """Thread nanoseconds per executed op name in the newest trace under `trace_dir`."""
+    import jax
+
+    files = sorted(trace_dir.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no trace written under {trace_dir}")
+    data = jax.profiler.ProfileData.from_file(str(files[-1]))
+    times = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                # Per-op events; skip the executor's own spans, which contain them.
+                if event.name.startswith(("ThunkExecutor", "Slinky", "$")) or "Execute" in event.name:
+                    continue
+                if re.search(r"fusion|copy|dot|while|call|transpose|wrapped|reduce|select", event.name):
+                    times[event.name] += event.duration_ns
+    return times
+
+
+def kind_of(op: str) -> str:
+    kind = re.sub(r"\.\d+$", "", op)
+    return "matmul (ynn/xnn/onednn fusion)" if re.match(r"(ynn|xnn|onednn)_fusion$", kind) else kind
+
+
+def model_op(name: str, meta: dict[str, str]) -> str:
+    op = meta.get(name, "?")
+    op = re.sub(r"layer_\d+", "layer_N", op)
+    op = re.sub(r"^jit\([^)]*\)/", "", op)
+    return re.sub(r"/(jit\(\w+\)/)+", "/", op)[:100]
+
+
+def table(title: str, counts: collections.Counter, top: int) -> str:
+    total = sum(counts.values()) or 1
+    lines = [f"{title} (thread time, share)"]
+    for key, ns in counts.most_common(top):
+        lines.append(f"  {ns / 1e9:8.3f} s {100 * ns / total:5.1f}%  {key}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace-dir", default="", help="keep the trace here (TensorBoard / Perfetto)")
+    args = p.parse_args(argv)
+    import jax
+
+    step = train_step.Ours(args.dtype, args.length, train_step.triples(args.batch), args.batch)
+    step(), step()
+    trace_dir = pathlib.Path(args.trace_dir or tempfile.mkdtemp(prefix="embedder-profile-"))
+    with jax.profiler.trace(str(trace_dir)):
+        step()
+    times = op_times(trace_dir)
+    meta = op_metadata(step.step.as_text())
+    by_kind, by_op = collections.Counter(), collections.Counter()
+    for name, ns in times.items():
+        by_kind[kind_of(name)] += ns
+        by_op[f"{kind_of(name)}: {model_op(name, meta)}"] += ns
+    print(f"seq {args.length} {args.dtype}, batch {args.batch}: {sum(times.values()) / 1e9:.2f} s of op "
+          f"thread time in one step; trace in {trace_dir}")
+    print(table("by kind", by_kind, args.top))
+    print(table("by model op", by_op, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
