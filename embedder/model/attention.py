@@ -10,14 +10,16 @@ import jax.numpy as jnp
 from embedder.model.config import ModelConfig
 from embedder.model.einsum import Einsum
 from embedder.model.norms import RMSNorm
-from embedder.model.rope import apply_rope, rope_inv_freq, rotate
+from embedder.model.rope import rope_inv_freq, rotate
 
 
-def attention_mask(key_mask, window: int | None = None):
+def attention_mask(key_mask, window: int | None = None, is_local=None):
     """Boolean, broadcastable to `[B, 1, L, L]`: query i may see key j.
 
     Every query sees every non-padding key; with a `window`, only keys with
     `|i - j| < window` (the symmetric window of bidirectional local layers).
+    Under `scan_layers` a traced bool scalar `is_local` (this layer's entry of the
+    pattern) decides at run time whether the window applies.
     """
     key_mask = jnp.asarray(key_mask).astype(bool)
     mask = key_mask[:, None, None, :]
@@ -25,18 +27,10 @@ def attention_mask(key_mask, window: int | None = None):
         length = key_mask.shape[-1]
         pos = jnp.arange(length)
         near = jnp.abs(pos[:, None] - pos[None, :]) < window
+        if is_local is not None:
+            near = near | ~is_local
         mask = mask & near[None, None]
     return mask
-
-
-def per_layer_attention_mask(key_mask, window: int, is_local):
-    """`attention_mask` with the window chosen at run time: `is_local` is a traced bool scalar
-    (one entry of the layer pattern scanned over), so one scanned block serves both kinds."""
-    key_mask = jnp.asarray(key_mask).astype(bool)
-    length = key_mask.shape[-1]
-    pos = jnp.arange(length)
-    near = jnp.abs(pos[:, None] - pos[None, :]) < window
-    return key_mask[:, None, None, :] & (near | ~is_local)[None, None]
 
 
 def _softcap(x, cap):
@@ -79,26 +73,19 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.norm_eps, pdtype, name="q_norm")(q)
             key = RMSNorm(cfg.norm_eps, pdtype, name="k_norm")(key)
         local = self.layer_type == "local"
-        if not bert and is_local is not None:
+        if not bert:
+            local_freq = rope_inv_freq(h, base=cfg.rope_base_local)
+            global_freq = rope_inv_freq(h, base=cfg.rope_base_global, scale_factor=cfg.rope_scale_global)
+            # Scanned mixed layers select the frequencies (not the rotated q/k): one rotation per layer.
+            inv_freq = (jnp.where(is_local, local_freq, global_freq) if is_local is not None
+                        else local_freq if local else global_freq)
             positions = jnp.arange(x.shape[1])
-            # Selecting the frequencies (not the rotated q/k) keeps one rotation per layer.
-            inv_freq = jnp.where(
-                is_local, rope_inv_freq(h, base=cfg.rope_base_local),
-                rope_inv_freq(h, base=cfg.rope_base_global, scale_factor=cfg.rope_scale_global))
             q = rotate(q, positions, inv_freq)
             key = rotate(key, positions, inv_freq)
-        elif not bert:
-            positions = jnp.arange(x.shape[1])
-            if local:
-                base, factor = cfg.rope_base_local, 1.0
-            else:
-                base, factor = cfg.rope_base_global, cfg.rope_scale_global
-            q = apply_rope(q, positions, base=base, scale_factor=factor)
-            key = apply_rope(key, positions, base=base, scale_factor=factor)
 
         scale = (cfg.query_pre_attn_scalar or h) ** -0.5
         if is_local is not None:
-            mask = per_layer_attention_mask(key_mask, cfg.sliding_window, is_local)
+            mask = attention_mask(key_mask, cfg.sliding_window, is_local)
         else:
             mask = attention_mask(key_mask, cfg.sliding_window if local else None)
         use_dropout = cfg.attention_dropout_rate > 0 and not deterministic
