@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Sequence
 
 import jax
@@ -160,15 +159,8 @@ class Embedder:
 
 def load_params_and_spec(path) -> tuple:
     """`(params, spec)` of anything `Embedder.load` opens: a workdir, checkpoint step, param
-    export or soup, or a Hugging Face / sentence-transformers folder (converted in memory)."""
-    from embedder.convert.from_hf import is_hf_folder, read_hf_folder
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if is_hf_folder(path) and not (path / "model.json").is_file():
-        hf = read_hf_folder(path)
-        return hf.params, hf.spec
+    export or soup, or a Hugging Face / sentence-transformers folder (converted in memory).
+    The same resolution as soups' ingredients (`embedder.checkpoint.resolve_model_path`)."""
     from embedder.checkpoint import resolve_model_path
 
     return resolve_model_path(path)

@@ -4,7 +4,9 @@
                             [--task TASK_DIR ...] [--metric NAME] CKPT [CKPT ...]
 
 Ingredients are workdirs (newest step, or best with --best-metric), checkpoint step
-directories, parameter exports, soups, or sweep directories (expanded to their runs).
+directories, parameter exports, soups, sweep directories (expanded to their runs), or
+Hugging Face / sentence-transformers folders (converted in memory, as `Embedder.load` does;
+e.g. WiSE-FT: a fine-tuned workdir and its base folder, `--method weighted --weights 1,1`).
 Arithmetic: each ingredient is cast to float32 and added to a float32 running sum in
 the order given (`uniform`: the sum times float32(1/N); `weighted`: the sum of
 float32(w_i / sum w) * p_i), then cast back to the ingredients' dtype. The result is
@@ -64,12 +66,14 @@ def expand_ingredients(paths: Sequence) -> list[pathlib.Path]:
 
 
 def locate_ingredients(paths: Sequence, *, best_metric: str | None = None, best_mode: str = "max"):
-    """`ModelLocation`s of the ingredients, checked to share one parameter tree, shapes and dtypes."""
+    """`ModelLocation`s of the ingredients (`embedder.checkpoint.locate_model`, HF folders
+    included), checked to share one parameter tree, shapes and dtypes."""
     from embedder import checkpoint
 
     paths = expand_ingredients(paths)
     if not paths:
-        raise SoupError("no ingredients given: pass at least one checkpoint, workdir, export or sweep dir")
+        raise SoupError("no ingredients given: pass at least one checkpoint, workdir, export, sweep dir "
+                        "or Hugging Face folder")
     locations, metas = [], []
     for path in paths:
         if not pathlib.Path(path).exists():
@@ -358,7 +362,7 @@ def _floats(value: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m embedder.soup", description=__doc__.split("\n")[0])
     p.add_argument("ckpts", nargs="+", metavar="CKPT",
-                   help="workdir, checkpoint step dir, param export, soup or sweep dir")
+                   help="workdir, checkpoint step dir, param export, soup, sweep dir or HF folder")
     p.add_argument("--out", required=True, help="output directory (a param export + soup.json)")
     p.add_argument("--method", choices=METHODS, default="uniform")
     p.add_argument("--weights", type=_floats, help="weighted: one weight per ingredient, e.g. 1,2,1")

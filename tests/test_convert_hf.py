@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from embedder.convert.from_hf import read_hf_folder  # noqa: E402
@@ -191,6 +192,21 @@ def test_mapping_round_trips_to_hf_names_and_layouts(tmp_path, sp_model):
         np.testing.assert_array_equal(value, state[name], err_msg=name)
     assert len(encoder_rules(hf.config)) == len(state)
     assert get_path(hf.params, ("encoder", "layer_1", "attention", "k", "w")).shape == (32, 2, 8)
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_shapes_only_read_gives_the_arrays_shapes(tmp_path, sp_model, scan_layers):
+    # What soups check and shard HF ingredients by, read from the safetensors headers alone.
+    cfg = transformers.Gemma2Config(num_key_value_heads=2, sliding_window=4, **GEMMA_COMMON)  # GQA
+    _save(_randomise(transformers.Gemma2Model(cfg), 6), tmp_path, sp_model)
+    full = read_hf_folder(tmp_path, scan_layers=scan_layers)
+    abstract = read_hf_folder(tmp_path, scan_layers=scan_layers, shapes_only=True)
+    assert _shapes(abstract.params) == _shapes(full.params)
+    assert abstract.spec == full.spec and abstract.config == full.config
 
 
 def test_cli_help_and_bad_args(tmp_path):

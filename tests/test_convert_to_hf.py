@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -162,6 +163,10 @@ def test_gemma3_round_trip_prompts_and_sentence_transformers_match(tmp_path, gem
     # MRL dims are a training setting, not part of the HF folder.
     assert back.config == cfg.replace(mrl_dims=()) and back.spec["prompts"] == spec["prompts"]
     np.testing.assert_array_equal(back.params["head"]["projection_1"]["w"], params["head"]["projection_1"]["w"])
+    # The shapes-only read (soups' metadata of an HF ingredient) covers the Dense modules too.
+    abstract = read_hf_folder(dst, shapes_only=True).params
+    assert jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), abstract) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), back.params)
 
 
 def test_minilm_cli_round_trip_is_exact(tmp_path):

@@ -178,3 +178,62 @@ def test_cli_writes_loadable_soup(tmp_path, capsys):
     assert soup.main(["--out", str(tmp_path / "g"), "--method", "greedy", *paths]) == 2
     with pytest.raises(SystemExit):
         soup.main(["--out", str(out), "--weights", "1,x", *paths])
+
+
+def test_hf_folder_ingredients(tmp_path, capsys):
+    # WiSE-FT style: HF / sentence-transformers folders soup with exports, workdirs and each other,
+    # converted in memory through the same resolution as Embedder.load.
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    from embedder.convert.from_hf import convert_from_hf, read_hf_folder
+    from tests.test_convert_hf import _bert_folder
+
+    folders = [tmp_path / "hf_a", tmp_path / "hf_b"]
+    for seed, folder in enumerate(folders):
+        _bert_folder(folder, seed=seed)
+    a, b = (read_hf_folder(f).params for f in folders)
+    ex = convert_from_hf(folders[0], tmp_path / "export_a")
+    a_flat = {k: np.asarray(v) for k, v in checkpoint.flat_paths(a).items()}
+
+    # The export of a folder souped with the folder itself (sharded, the HF folder first so its
+    # metadata places the parameters) is the converted folder, bit for bit.
+    params, spec, report = soup.make_soup([folders[0], ex], method="weighted", weights=[0.5, 0.5])
+    assert_bitwise(params, a_flat)
+    assert len(params["encoder"]["word_embedding"].sharding.device_set) == 8
+    assert spec["model"]["family"] == "bert" and spec["tokenizer"]["kind"] == "wordpiece"
+    assert [(e["kind"], e["path"]) for e in report["ingredients"]] == [("hf", str(folders[0])),
+                                                                        ("export", str(ex))]
+
+    # w / (1 - w) of two different folders through the CLI: the numpy weighted average of their
+    # converted params; the word embeddings (stored as is) checked against the raw safetensors too.
+    w = 0.3
+    out = tmp_path / "wise"
+    assert soup.main(["--out", str(out), "--method", "weighted", "--weights", f"{w},{1 - w}", "--no-shard",
+                      str(ex), str(folders[1])]) == 0
+    written = json.loads((out / "soup.json").read_text())
+    assert [(e["kind"], e["path"]) for e in written["ingredients"]] == [("export", str(ex)),
+                                                                         ("hf", str(folders[1]))]
+    weights = [e["weight"] for e in written["ingredients"]]
+    assert weights == pytest.approx([w, 1 - w])
+    loaded, _ = checkpoint.resolve_model_path(out)
+    assert_bitwise(loaded, reference([a, b], weights))
+    raw = [load_file(str(f / "model.safetensors"))["embeddings.word_embeddings.weight"] for f in folders]
+    np.testing.assert_array_equal(np.asarray(loaded["encoder"]["word_embedding"]),
+                                  np.float32(weights[0]) * raw[0] + np.float32(weights[1]) * raw[1])
+
+    # Greedy loads each ingredient more than once: the far folder is left out.
+    score = distance_score(a_flat)
+    params, _, report = soup.make_soup([folders[1], folders[0], ex], method="greedy", score_fn=score,
+                                       shard=False)
+    assert {e["path"]: e["weight"] for e in report["ingredients"]} == {
+        str(folders[0]): 0.5, str(ex): 0.5, str(folders[1]): 0.0}
+    assert_bitwise(params, a_flat)
+
+    # A folder that is neither an embedder model nor an HF folder says what was expected.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"not a saved model .* Hugging Face / sentence-transformers folder"):
+        soup.make_soup([ex, tmp_path / "other"])
+    assert soup.main(["--out", str(tmp_path / "x"), str(ex), str(tmp_path / "other")]) == 2
+    assert "Hugging Face" in capsys.readouterr().err

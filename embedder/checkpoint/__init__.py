@@ -1,5 +1,6 @@
 """Orbax checkpoints: train-state checkpoints of a workdir, parameter-only exports,
-and resolving any saved-model path to `(params, spec)`. The only package that imports Orbax.
+and resolving any saved-model path (HF folders too, via `embedder.convert.from_hf`) to
+`(params, spec)`. The only package that imports Orbax.
 """
 from embedder.checkpoint.exports import load_params, save_params
 from embedder.checkpoint.locate import (ModelLocation, export_params, load_located, load_spec, locate_model,

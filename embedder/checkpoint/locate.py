@@ -1,4 +1,5 @@
-"""Resolving any saved-model path (workdir, step dir, export, soup) to `(params, spec)`."""
+"""Resolving any saved-model path (workdir, step dir, export, soup, or a Hugging Face /
+sentence-transformers folder, converted in memory) to `(params, spec)`."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,7 @@ import json
 import logging
 import pathlib
 
+import jax
 import numpy as np
 
 from embedder.checkpoint.exports import _absolute_tokenizer, save_params
@@ -18,14 +20,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ModelLocation:
-    """Where a saved model's parameters live: a param export (soups too) or a train step."""
+    """Where a saved model's parameters live: a param export (soups too), a train step, or a
+    Hugging Face / sentence-transformers folder (read through `embedder.convert.from_hf`)."""
 
-    kind: str  # "export" | "step"
-    directory: pathlib.Path  # the export dir, or the step dir
+    kind: str  # "export" | "step" | "hf"
+    directory: pathlib.Path  # the export dir, the step dir, or the HF folder
     workdir: pathlib.Path | None = None
     step: int | None = None
 
     def array_dir(self) -> tuple[pathlib.Path, str | None]:
+        """The Orbax array directory and the subtree holding the params (exports and steps)."""
+        if self.kind == "hf":
+            raise ValueError(f"{self.directory} is a Hugging Face folder: its tensors are safetensors, "
+                             "not Orbax arrays (read it with load_located)")
         if self.kind == "export":
             return self.directory / PARAMS_DIR, None
         return self.directory / "state", "params"
@@ -42,14 +49,19 @@ def _is_step_dir(path: pathlib.Path) -> bool:
 
 
 def locate_model(path, *, best_metric: str | None = None, best_mode: str = "max") -> ModelLocation:
-    """Finds the parameters behind `path`: a param export or soup, a workdir, or a step dir.
+    """Finds the parameters behind `path`: a param export or soup, a workdir, a step dir, or a
+    Hugging Face / sentence-transformers folder (without a model.json of ours).
 
     A workdir gives its newest complete step, or with `best_metric` its best step by
     that metric (`best_mode` "max"/"min"), among complete steps.
     """
+    from embedder.convert.from_hf import is_hf_folder
+
     path = pathlib.Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
+    if is_hf_folder(path) and not (path / MODEL_SPEC_FILE).is_file():
+        return ModelLocation("hf", path)
     if (path / MODEL_SPEC_FILE).is_file() and (path / PARAMS_DIR).is_dir():
         return ModelLocation("export", path)
     if _is_step_dir(path):
@@ -79,12 +91,22 @@ def locate_model(path, *, best_metric: str | None = None, best_mode: str = "max"
     if (path / MODEL_SPEC_FILE).exists() or (path / CONFIG_FILE).exists():
         hint = " (it has a spec/config but no parameters: an unfinished export or a run that never saved)"
     raise ValueError(f"{path} is not a saved model{hint}: expected a parameter export "
-                     f"({PARAMS_DIR}/ + {MODEL_SPEC_FILE}), a workdir ({CHECKPOINTS_DIR}/<step>/) "
-                     f"or a checkpoint step directory ({CHECKPOINTS_DIR}/<step>)")
+                     f"({PARAMS_DIR}/ + {MODEL_SPEC_FILE}), a workdir ({CHECKPOINTS_DIR}/<step>/), "
+                     f"a checkpoint step directory ({CHECKPOINTS_DIR}/<step>) or a Hugging Face / "
+                     "sentence-transformers folder (config.json with a model_type, or modules.json)")
+
+
+def _read_hf(loc: ModelLocation, *, shapes_only: bool = False):
+    from embedder.convert.from_hf import read_hf_folder
+
+    return read_hf_folder(loc.directory, shapes_only=shapes_only)
 
 
 def load_spec(loc: ModelLocation) -> dict:
-    """The model spec of a located model (model.json, else the step's or workdir's train config)."""
+    """The model spec of a located model (model.json, else the step's or workdir's train config;
+    an HF folder's is converted from its config files)."""
+    if loc.kind == "hf":
+        return _read_hf(loc, shapes_only=True).spec
     if loc.kind == "export":
         return _absolute_tokenizer(_read_json(loc.directory / MODEL_SPEC_FILE), loc.directory)
     candidates = [loc.directory / "config" / "metadata", loc.workdir / CONFIG_FILE]
@@ -100,7 +122,11 @@ def load_spec(loc: ModelLocation) -> dict:
 
 
 def load_located(loc: ModelLocation, shardings=None):
-    """`(params, spec)` of a located model."""
+    """`(params, spec)` of a located model; with `shardings` (a matching tree) the params are
+    placed on devices, else they come back as host numpy arrays."""
+    if loc.kind == "hf":
+        hf = _read_hf(loc)
+        return (hf.params if shardings is None else jax.device_put(hf.params, shardings)), hf.spec
     spec = load_spec(loc)
     array_dir, subtree = loc.array_dir()
     params = _restore_tree(array_dir, _tree_metadata(array_dir), shardings, subtree=subtree)
@@ -108,7 +134,8 @@ def load_located(loc: ModelLocation, shardings=None):
 
 
 def resolve_model_path(path, *, best_metric: str | None = None, best_mode: str = "max", shardings=None):
-    """`(params, spec)` of a workdir (newest or best step), step dir, param export or soup."""
+    """`(params, spec)` of a workdir (newest or best step), step dir, param export or soup, or
+    a Hugging Face / sentence-transformers folder (converted in memory)."""
     return load_located(locate_model(path, best_metric=best_metric, best_mode=best_mode), shardings)
 
 
@@ -124,6 +151,8 @@ def export_params(workdir_or_step, out_dir, *, best_metric: str | None = None, b
 def param_tree_metadata(path_or_location):
     """The params tree of a saved model with metadata leaves (`.shape`, `.dtype`), no arrays read."""
     loc = path_or_location if isinstance(path_or_location, ModelLocation) else locate_model(path_or_location)
+    if loc.kind == "hf":
+        return _read_hf(loc, shapes_only=True).params
     array_dir, subtree = loc.array_dir()
     tree = _tree_metadata(array_dir)
     return tree[subtree] if subtree else tree

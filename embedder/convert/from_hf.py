@@ -10,11 +10,12 @@ import pathlib
 import re
 import tempfile
 
+import jax
 import numpy as np
 
 from embedder.convert.hf_config import config_from_hf
 from embedder.convert.hf_mapping import (TensorRule, canonical_name, encoder_rules, find_prefix,
-                                         head_rules, set_path)
+                                         get_path, head_rules, set_path)
 from embedder.model.config import ModelConfig
 from embedder.model.layer_stack import stack_layers
 
@@ -70,8 +71,10 @@ def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _load_tensors(files, rules: list[TensorRule], prefix: str, dtype, what: str) -> dict:
-    """Streams the tensors named by `rules` out of `files`, one at a time, into a params tree."""
+def _load_tensors(files, rules: list[TensorRule], prefix: str, dtype, what: str, *,
+                  shapes_only: bool = False) -> dict:
+    """Streams the tensors named by `rules` out of `files`, one at a time, into a params tree
+    (with `shapes_only`, `jax.ShapeDtypeStruct` leaves from the safetensors headers)."""
     from safetensors import safe_open
 
     wanted = {prefix + r.hf_name: r for r in rules}
@@ -84,8 +87,13 @@ def _load_tensors(files, rules: list[TensorRule], prefix: str, dtype, what: str)
                 rule = wanted.get(canonical_name(name))
                 if rule is None:
                     continue
-                value = np.asarray(f.get_tensor(name), dtype=np.float32)
-                set_path(params, rule.path, rule.layout.to_ours(value).astype(dtype))
+                if shapes_only:
+                    hf_shape = jax.ShapeDtypeStruct(tuple(f.get_slice(name).get_shape()), np.dtype(dtype))
+                    value = jax.eval_shape(rule.layout.to_ours, hf_shape)
+                else:
+                    value = np.asarray(f.get_tensor(name), dtype=np.float32)
+                    value = rule.layout.to_ours(value).astype(dtype)
+                set_path(params, rule.path, value)
                 found.add(prefix + rule.hf_name)
     missing = sorted(set(wanted) - found)
     if missing:
@@ -208,11 +216,13 @@ def _dense_dims(path: pathlib.Path) -> int:
     return int(cfg["out_features"])
 
 
-def read_hf_folder(src, *, dtype=np.float32, **config_overrides) -> HFModel:
+def read_hf_folder(src, *, dtype=np.float32, shapes_only: bool = False, **config_overrides) -> HFModel:
     """Reads a transformers folder (Gemma/Gemma2/Gemma3 text/BERT) or a sentence-transformers
     folder (Transformer, Pooling, Dense..., Normalize) into params, config and spec.
 
-    `config_overrides` are ModelConfig fields, e.g. `scan_layers=True` for stacked layers."""
+    `config_overrides` are ModelConfig fields, e.g. `scan_layers=True` for stacked layers.
+    `shapes_only=True` reads no arrays: the params leaves are `jax.ShapeDtypeStruct`s taken
+    from the safetensors headers (what a full read would give, missing tensors still raise)."""
     src = pathlib.Path(src).absolute()
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a directory")
@@ -243,10 +253,10 @@ def read_hf_folder(src, *, dtype=np.float32, **config_overrides) -> HFModel:
 
     files = _safetensors_files(body)
     prefix = find_prefix(_tensor_names(files), cfg.family)
-    params = _load_tensors(files, encoder_rules(cfg), prefix, dtype, str(body))
+    params = _load_tensors(files, encoder_rules(cfg), prefix, dtype, str(body), shapes_only=shapes_only)
     for rule, path in zip(head_rules(cfg), dense_dirs):
-        head = _load_tensors(_safetensors_files(path), [rule], "", dtype, str(path))
-        set_path(params, rule.path, np.asarray(head["head"][rule.path[1]]["w"]))
+        head = _load_tensors(_safetensors_files(path), [rule], "", dtype, str(path), shapes_only=shapes_only)
+        set_path(params, rule.path, get_path(head, rule.path))
     if cfg.scan_layers:  # the rules read the unrolled layout; a scanned target stacks it
         params = stack_layers(params, cfg)
 
