@@ -1,17 +1,26 @@
 """Fine-tune the real all-MiniLM-L6-v2 on the shipped Debian pairs (Matryoshka NCE, mined hard negatives).
 
+The fine-tuning mixture has two datasets, each batch drawn from one of them (method.md's
+recipe): retrieval triples (synopsis -> long description, one hard negative mined with the
+base model) and classification-style triples built from the training pairs' `section` labels
+(description -> its section name, the hardest wrong section by the base model as the negative;
+duplicate labels in a batch are masked by text identity). The section rows come from training
+packages only, never from the evaluation tasks' files. `--section-steps 0` trains on retrieval
+alone (the setting of the sentence-transformers side-by-side until the mixture existed).
+
 The driver mines hard negatives with the base model, trains, averages the fine-tuned
 weights with the base weights (WiSE-FT, a two-ingredient model soup: it keeps most of the
 retrieval gain and the base model's section clustering, which contrastive fine-tuning on
 query -> description pairs erodes), evaluates the base, the fine-tuned and the souped model,
 and writes a table and a plot (CPU, offline):
 
-    python experiments/minilm_finetune.py --workdir workdir/minilm [--steps 120 --batch 32]
+    python experiments/minilm_finetune.py --workdir workdir/minilm [--steps 60 --section-steps 20 --batch 32]
 
 The training stage alone is a plain run once `mined.jsonl` exists:
 
     python -m embedder.train --config experiments/minilm_finetune.py --workdir workdir/minilm/train \
-        --config.data.datasets='[{"name": "debian_mined", "files": ["workdir/minilm/mined.jsonl"]}]'
+        --config.data.datasets='[{"name": "debian_mined", "files": ["workdir/minilm/train_rows.jsonl"], "weight": 60},
+                                 {"name": "debian_sections", "files": ["workdir/minilm/section_rows.jsonl"], "weight": 20}]'
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ TRAIN_PAIRS = REPO / "data" / "debian" / "train_pairs.jsonl.gz"
 MRL_DIMS = (384, 256, 128, 64)
 EVAL_DIMS = (384, 64)
 # The settings both trainers share (the sentence-transformers side-by-side reads them too).
-SETTINGS = dict(steps=60, batch=32, lr=5e-5, warmup_fraction=0.1, num_negatives=1, query_max_length=32,
+# `steps` are retrieval batches, `section_steps` classification-style batches; the run takes both.
+SETTINGS = dict(steps=60, section_steps=20, batch=32, lr=5e-5, warmup_fraction=0.1, num_negatives=1,
+                query_max_length=128,
                 document_max_length=128, temperature=0.05, weight_decay=0.01, grad_clip=1.0, seed=0)
 
 
@@ -59,32 +70,42 @@ def get_config(arg: str = ""):
     c.tokenizer = {"kind": "wordpiece", "file": str(base / "tokenizer.json"), "max_length": 256}
     c.prompts = {"query": "", "document": ""}  # all-MiniLM-L6-v2 encodes raw text
     c.batch_size = s["batch"]
-    c.total_steps = s["steps"]
+    total = s["steps"] + s["section_steps"]
+    c.total_steps = total
     c.log_every = 10
     c.loss.dims = MRL_DIMS
     c.loss.temperature = s["temperature"]
     c.optimizer.learning_rate = s["lr"]
-    c.optimizer.warmup_steps = max(1, int(s["warmup_fraction"] * s["steps"]))
+    c.optimizer.warmup_steps = max(1, int(s["warmup_fraction"] * total))
     c.optimizer.schedule = "linear"
     c.optimizer.weight_decay = s["weight_decay"]
     c.optimizer.grad_clip_norm = s["grad_clip"]
     c.data.datasets = [{"name": "debian_mined", "files": [], "task": "search result", "weight": 1.0}]
-    c.data.mode = "mixed"
+    c.data.mode = "homogeneous"  # each batch from one dataset (method.md, fine-tuning)
     c.data.num_negatives = s["num_negatives"]
     c.data.query_max_length = s["query_max_length"]
     c.data.document_max_length = s["document_max_length"]
     c.eval.tasks = ()  # the driver evaluates before and after itself
-    c.checkpoint.every_steps = s["steps"]
+    c.checkpoint.every_steps = total
     c.checkpoint.max_to_keep = 1
     c.checkpoint.async_save = False
     return c
 
 
-def _read_pairs(path: pathlib.Path) -> list[dict]:
-    import gzip
+def _read_pairs(path: pathlib.Path, seed: int) -> list[dict]:
+    """The training pairs in one seeded order: retrieval rows come from its head, section rows
+    from the records after them, so the two datasets never share a package."""
+    from embedder.data.jsonl import iter_jsonl
 
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = [r for _, r in iter_jsonl(path)]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def _write_rows(out: pathlib.Path, rows) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
 
 
 def mine(out: pathlib.Path, n_pairs: int, seed: int, log) -> dict:
@@ -93,21 +114,48 @@ def mine(out: pathlib.Path, n_pairs: int, seed: int, log) -> dict:
     from embedder import Embedder
     from embedder.synth.negatives import MiningConfig, mine_negatives
 
-    records = _read_pairs(TRAIN_PAIRS)
-    random.Random(seed).shuffle(records)
-    records = [{"query": r["query"], "positive": r["positive"]} for r in records[:n_pairs]]
+    records = [{"query": r["query"], "positive": r["positive"]} for r in _read_pairs(TRAIN_PAIRS, seed)[:n_pairs]]
     base = Embedder.load(minilm_path())
     t0, c0 = time.time(), time.process_time()
     mined = list(mine_negatives(records, base, config=MiningConfig(num_negatives=SETTINGS["num_negatives"],
                                                                    index="exact", seed=seed),
                                 task="search result"))
     stats = {"pairs": len(mined), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in mined), encoding="utf-8")
-    tmp.replace(out)
+    _write_rows(out, mined)
     log.info("mined %d pairs in %.0fs", len(mined), stats["wall_s"])
     return stats
 
+
+def mine_sections(out: pathlib.Path, n_rows: int, skip: int, seed: int, log) -> dict:
+    """Classification-style triples from the training pairs' sections: description -> section
+    name, negative = the wrong section the base model scores highest for that description.
+    Every section of the training pairs is a candidate label (not only the evaluated ones);
+    rows are the `n_rows` records after the first `skip` (the retrieval rows)."""
+    import numpy as np
+
+    from embedder import Embedder
+
+    records = _read_pairs(TRAIN_PAIRS, seed)
+    labels = sorted({r["section"] for r in records})
+    rows = records[skip: skip + n_rows]
+    if len(rows) < n_rows:
+        raise SystemExit(f"{TRAIN_PAIRS} has {len(records)} pairs: too few for {skip} retrieval rows "
+                         f"plus {n_rows} section rows; lower --steps, --section-steps or --batch")
+    base = Embedder.load(minilm_path())
+    t0, c0 = time.time(), time.process_time()
+    label_emb = base.encode(labels, role="document", task="classification")
+    text_emb = base.encode([r["positive"] for r in rows], role="query", task="classification")
+    scores = np.asarray(text_emb, np.float32) @ np.asarray(label_emb, np.float32).T  # [rows, labels]
+    truth = np.array([labels.index(r["section"]) for r in rows])
+    scores[np.arange(len(rows)), truth] = -np.inf
+    hardest = scores.argmax(axis=1)
+    triples = [{"query": r["positive"], "positive": r["section"], "negatives": [labels[j]],
+                "task": "classification"} for r, j in zip(rows, hardest)]
+    _write_rows(out, triples)
+    stats = {"rows": len(triples), "labels": len(labels), "wall_s": time.time() - t0,
+             "cpu_s": time.process_time() - c0}
+    log.info("built %d section rows over %d labels in %.0fs", len(triples), len(labels), stats["wall_s"])
+    return stats
 
 def evaluate(model_path, out: pathlib.Path, log, tasks=TASK_DIRS) -> dict:
     """Our evaluator on the shipped tasks; cached in `out` (tasks missing there are added)."""
@@ -130,8 +178,7 @@ def evaluate(model_path, out: pathlib.Path, log, tasks=TASK_DIRS) -> dict:
 
 def wise_soup(train_dir: pathlib.Path, wd: pathlib.Path, weight: float, log) -> pathlib.Path:
     """`weight * fine-tuned + (1 - weight) * base` (Wortsman et al. 2022, WiSE-FT), through
-    `embedder.soup`; the base is converted from its sentence-transformers folder first."""
-    from embedder.convert.from_hf import convert_from_hf
+    `embedder.soup`, which takes the base's sentence-transformers folder as it is."""
     from embedder.soup import make_soup, write_soup
 
     if not 0 < weight <= 1:
@@ -139,10 +186,7 @@ def wise_soup(train_dir: pathlib.Path, wd: pathlib.Path, weight: float, log) -> 
     out = wd / "wise"
     if (out / "soup.json").is_file() and json.loads((out / "soup.json").read_text()).get("wise_weight") == weight:
         return out
-    base_export = wd / "base_export"
-    if not (base_export / "model.json").is_file():
-        convert_from_hf(minilm_path(), base_export, overwrite=True)
-    params, spec, report = make_soup([train_dir, base_export], method="weighted", weights=[weight, 1 - weight])
+    params, spec, report = make_soup([train_dir, minilm_path()], method="weighted", weights=[weight, 1 - weight])
     report["wise_weight"] = weight
     write_soup(out, params, spec, report, overwrite=True)
     log.info("souped the fine-tuned model with the base (weight %.2f) into %s", weight, out)
@@ -202,6 +246,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, type=pathlib.Path)
     p.add_argument("--steps", type=int, default=SETTINGS["steps"])
+    p.add_argument("--section-steps", type=int, default=SETTINGS["section_steps"],
+                   help="classification-style batches (description -> section) mixed in with the "
+                        "--steps retrieval batches, each batch from one dataset; 0 trains retrieval alone")
     p.add_argument("--batch", type=int, default=SETTINGS["batch"])
     p.add_argument("--lr", type=float, default=SETTINGS["lr"])
     p.add_argument("--tasks", default=",".join(pathlib.Path(t).name for t in TASK_DIRS),
@@ -215,7 +262,10 @@ def main(argv=None) -> int:
     unknown = stages - {"mine", "eval-base", "train", "eval"}
     if unknown:
         p.error(f"--stages: unknown stage(s) {sorted(unknown)}; use mine, eval-base, train, eval")
-    SETTINGS.update(steps=args.steps, batch=args.batch, lr=args.lr)
+    if args.steps <= 0 or args.section_steps < 0 or args.batch <= 0:
+        p.error(f"--steps {args.steps} and --batch {args.batch} must be positive, --section-steps "
+                f"{args.section_steps} >= 0")
+    SETTINGS.update(steps=args.steps, section_steps=args.section_steps, batch=args.batch, lr=args.lr)
     tasks = tuple(str(TASKS / t) for t in args.tasks.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("minilm_finetune")
@@ -228,6 +278,11 @@ def main(argv=None) -> int:
     if "mine" in stages and not mined.is_file():
         timing["mining"] = mine(mined, args.steps * args.batch, SETTINGS["seed"], log)
         timing_file.write_text(json.dumps(timing, indent=1))
+    sections = wd / "section_rows.jsonl"
+    n_sections = args.section_steps * args.batch
+    if "mine" in stages and n_sections and not sections.is_file():
+        timing["sections"] = mine_sections(sections, n_sections, args.steps * args.batch, SETTINGS["seed"], log)
+        timing_file.write_text(json.dumps(timing, indent=1))
     if "eval-base" in stages:
         evaluate(minilm_path(), wd / "eval_base.json", log, tasks)
 
@@ -239,13 +294,19 @@ def main(argv=None) -> int:
     train_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     config = get_config()
     config.data.datasets = [{"name": "debian_mined", "files": [str(train_file)], "task": "search result",
-                             "weight": 1.0}]
+                             "weight": float(args.steps)}]
+    if n_sections:
+        if not sections.is_file():
+            raise SystemExit(f"{sections} not found: run the mine stage first (or pass --section-steps 0)")
+        config.data.datasets.append({"name": "debian_sections", "files": [str(sections)],
+                                     "task": "classification", "weight": float(args.section_steps)})
     train_dir = wd / "train"
     if "train" in stages and "train" not in timing:
         t0, c0 = time.time(), time.process_time()
         train(config, train_dir)
-        timing["train"] = {"steps": args.steps, "batch": args.batch, "wall_s": time.time() - t0,
-                           "cpu_s": time.process_time() - c0}
+        timing["train"] = {"steps": args.steps + args.section_steps, "retrieval_steps": args.steps,
+                           "section_steps": args.section_steps, "batch": args.batch,
+                           "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
         timing_file.write_text(json.dumps(timing, indent=1))
     if "eval" not in stages:
         return 0

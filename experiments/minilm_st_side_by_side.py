@@ -1,7 +1,7 @@
 """sentence-transformers' own trainer on the same data and settings as `minilm_finetune.py`,
 both models scored by our evaluator, with the wall-clock ratio.
 
-    python experiments/minilm_finetune.py --workdir workdir/minilm          # ours (mines the data)
+    python experiments/minilm_finetune.py --section-steps 0 --workdir workdir/minilm   # ours, retrieval only
     python experiments/minilm_st_side_by_side.py --workdir workdir/minilm   # then this
 
 Same mined triples (the first steps x batch of `mined.jsonl`), steps, batch, learning rate,
@@ -44,7 +44,7 @@ def train_st(mined: pathlib.Path, out: pathlib.Path, settings: dict, log) -> dic
                               "negative": [r["negatives"][0] for r in rows]})
     torch.manual_seed(s["seed"])
     model = SentenceTransformer(str(ours.minilm_path()), device="cpu")
-    # One length for both sides here; ours truncates queries at 32, which Debian synopses never reach.
+    # One length for both sides, as ours (queries and documents cut at 128 tokens).
     model.max_seq_length = s["document_max_length"]
     loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=1.0 / s["temperature"]),
                           matryoshka_dims=list(ours.MRL_DIMS))
@@ -81,6 +81,12 @@ def main(argv=None) -> int:
     if not mined.is_file():
         raise SystemExit(f"{mined} not found: run experiments/minilm_finetune.py --workdir {wd} first "
                          "(it mines the hard negatives both trainers use)")
+    ours_run = json.loads((wd / "timing.json").read_text()).get("train", {}) if (wd / "timing.json").is_file() else {}
+    if ours_run.get("section_steps", 0) or (wd / "section_rows.jsonl").is_file():
+        raise SystemExit(f"{wd} trained on the retrieval + section mixture; the side-by-side compares the "
+                         "trainers on retrieval triples alone (sentence-transformers' MNRL has no text-identity "
+                         "mask, and its NO_DUPLICATES sampler cannot fill a batch of section labels): run "
+                         f"experiments/minilm_finetune.py --section-steps 0 --workdir DIR with a fresh DIR first")
     timing_file = wd / "timing_st.json"
     st_dir = wd / "st_model"
     if not timing_file.is_file():
