@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from embedder.train import loop, workdir_files
@@ -146,3 +147,11 @@ def test_unknown_config_field_is_one_line_with_suggestion(tmp_path, repo_root):
     assert "Traceback" not in p.stderr
     assert ("--config.optimizer.learning_rat: the config has no field 'learning_rat'" in p.stderr
             and "Did you mean --config.optimizer.learning_rate" in p.stderr), p.stderr
+
+
+def test_window_losses_average_the_window_and_each_dataset():
+    fetched = [{"loss": np.float32(v)} for v in (1.0, 3.0, 8.0, 4.0)]
+    row = loop._window_losses(fetched, [0, 1, None, 1], ["retrieval", "sections"])
+    assert row == {"train/loss_mean": 4.0, "train/loss_mean/retrieval": 1.0, "train/loss_mean/sections": 3.5}
+    # One dataset: no per-dataset keys (they would repeat the mean).
+    assert loop._window_losses(fetched[:2], [0, 0], ["only"]) == {"train/loss_mean": 2.0}

@@ -130,6 +130,18 @@ def _format_bytes(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _window_losses(fetched: list[dict], datasets: list, names: list[str]) -> dict[str, float]:
+    """`train/loss_mean`: the loss averaged over the steps since the last log line (`train/loss`
+    stays the last step's). With several datasets, `train/loss_mean/NAME` averages the steps
+    whose whole batch came from NAME (homogeneous mixtures; mixed batches have no per-dataset loss)."""
+    losses = [float(np.asarray(m["loss"])) for m in fetched]
+    row = {"train/loss_mean": float(np.mean(losses))}
+    if len(names) > 1:
+        for d in sorted({d for d in datasets if d is not None}):
+            row[f"train/loss_mean/{names[d]}"] = float(np.mean([x for x, e in zip(losses, datasets) if e == d]))
+    return row
+
+
 def _log_memory(compiled, key) -> None:
     try:
         mem = compiled.memory_analysis()
@@ -329,7 +341,10 @@ class Trainer:
         evaluated_at = None
         if start == 0 and cfg.eval.at_start and has_tasks:
             last_eval, evaluated_at = self.evaluate(0, writer), 0
-        pending: list[tuple[int, dict]] = []   # device metrics not yet fetched (no host sync per step)
+        # Device metrics not yet fetched (no host sync per step), with the step's dataset when
+        # the whole batch came from one (homogeneous mixtures), else None.
+        pending: list[tuple[int, dict, int | None]] = []
+        names = list(self.data.dataset_names)
         last_good_step = start
         window = {"time": time.time(), "rows": 0, "compile": self.compile_seconds}
         step = start
@@ -339,8 +354,8 @@ class Trainer:
             nonlocal last_good_step
             if not pending:
                 return {}
-            fetched = jax.device_get([m for _, m in pending])
-            for (s, _), m in zip(pending, fetched):
+            fetched = jax.device_get([m for _, m, _ in pending])
+            for (s, _, _), m in zip(pending, fetched):
                 bad = {k: float(m[k]) for k in _MUST_BE_FINITE if k in m and not math.isfinite(float(m[k]))}
                 if bad:
                     self.ckpt.wait()   # so the message names a checkpoint that is on disk
@@ -356,11 +371,12 @@ class Trainer:
             compile_in_window = self.compile_seconds - window["compile"]
             elapsed = max(time.time() - window["time"] - compile_in_window, 1e-9)
             row = {f"train/{k}": float(np.asarray(v)) for k, v in last_m.items() if np.ndim(v) == 0}
+            row.update(_window_losses(fetched, [d for _, _, d in pending], names))
             row["train/examples_per_sec"] = window["rows"] / elapsed
             for reason, count in self.data.skip_counts.items():
                 row[f"data/skipped/{reason}"] = count
             writer.write(last_s, row)
-            bar.set_postfix(loss=f"{row['train/loss']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
+            bar.set_postfix(loss=f"{row['train/loss_mean']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
             pending.clear()
             window.update(time=time.time(), rows=0, compile=self.compile_seconds)
             last_good_step = last_s
@@ -374,7 +390,8 @@ class Trainer:
             self.state, metrics = compiled(self.state, batch, rng)
             step += 1
             window["rows"] += cfg.batch_size
-            pending.append((step, metrics))
+            ds = host_batch["dataset"]
+            pending.append((step, metrics, int(ds[0]) if len(ds) and np.all(ds == ds[0]) else None))
             bar.update(1)
             stopping = preemption.check(step)
             save_now = step % save_every == 0 or step == total or stopping
