@@ -4,6 +4,12 @@
 step, parameter export, soup, Hugging Face / sentence-transformers folder).
 """
 
+from embedder import xla_cpu_flags as _xla_cpu_flags
+
+# Before any JAX backend starts: faster CPU encoders (see embedder/xla_cpu_flags.py;
+# EMBEDDER_XLA_CPU_DEFAULTS=0 opts out).
+_xla_cpu_flags.apply()
+
 __version__ = "0.1.0"
 
 __all__ = ["Embedder", "__version__"]

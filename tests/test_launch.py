@@ -55,8 +55,9 @@ def test_local_rejects_bad_counts():
 def test_local_runs_processes_with_prefixed_output():
     script = ("import os; print('hello from', os.environ['JAX_PROCESS_ID'], 'of', os.environ['JAX_NUM_PROCESSES'],"
               " os.environ['XLA_FLAGS'])")
+    # The test process's own XLA_FLAGS (e.g. what `import embedder` appended) would be inherited.
     r = _run([PY, "launch/local.py", "--processes", "2", "--devices-per-process", "3", "--command", "--",
-              PY, "-c", script])
+              PY, "-c", script], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert r.returncode == 0, r.stdout + r.stderr
     lines = sorted(line for line in r.stdout.splitlines() if "hello" in line)
     assert lines == [f"[p{i}] hello from {i} of 2 --xla_force_host_platform_device_count=3" for i in range(2)]
