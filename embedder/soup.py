@@ -7,6 +7,10 @@ Ingredients are workdirs (newest step, or best with --best-metric), checkpoint s
 directories, parameter exports, soups, sweep directories (expanded to their runs), or
 Hugging Face / sentence-transformers folders (converted in memory, as `Embedder.load` does;
 e.g. WiSE-FT: a fine-tuned workdir and its base folder, `--method weighted --weights 1,1`).
+Ingredients of one architecture saved in different layer layouts (a `scan_layers=True` run
+and an unrolled export or HF folder) are brought to the layout of the soup's first
+ingredient (`embedder.model.layer_stack`), whose spec the soup takes; for greedy soups that
+is the best-scoring ingredient, listed first in soup.json.
 Arithmetic: each ingredient is cast to float32 and added to a float32 running sum in
 the order given (`uniform`: the sum times float32(1/N); `weighted`: the sum of
 float32(w_i / sum w) * p_i), then cast back to the ingredients' dtype. The result is
@@ -67,22 +71,75 @@ def expand_ingredients(paths: Sequence) -> list[pathlib.Path]:
 
 def locate_ingredients(paths: Sequence, *, best_metric: str | None = None, best_mode: str = "max"):
     """`ModelLocation`s of the ingredients (`embedder.checkpoint.locate_model`, HF folders
-    included), checked to share one parameter tree, shapes and dtypes."""
+    included), checked to be one architecture: the same spec without its run-time fields,
+    and the same parameter tree, shapes and dtypes once brought to the first ingredient's
+    layer layout (scanned or unrolled). No arrays are read."""
+    return _locate(paths, best_metric=best_metric, best_mode=best_mode)[0]
+
+
+def _locate(paths, *, best_metric, best_mode):
+    """`(locations, specs, trees)`: each ingredient's `ModelLocation`, spec and params tree of
+    `jax.ShapeDtypeStruct`s (in its own layer layout), checked as `locate_ingredients` says."""
     from embedder import checkpoint
 
     paths = expand_ingredients(paths)
     if not paths:
         raise SoupError("no ingredients given: pass at least one checkpoint, workdir, export, sweep dir "
                         "or Hugging Face folder")
-    locations, metas = [], []
+    locations, specs, trees = [], [], []
     for path in paths:
         if not pathlib.Path(path).exists():
             raise FileNotFoundError(f"ingredient {path} does not exist")
         loc = checkpoint.locate_model(path, best_metric=best_metric, best_mode=best_mode)
         locations.append(loc)
-        metas.append(checkpoint.param_metadata(loc))
-    check_compatible(metas, [str(p) for p in paths])
-    return locations
+        specs.append(checkpoint.load_spec(loc))
+        trees.append(_abstract(checkpoint.param_tree_metadata(loc)))
+    names = [str(p) for p in paths]
+    _check_specs(specs, names)
+    target = layer_layout(trees[0])
+    metas = [{k: (tuple(m.shape), np.dtype(m.dtype))
+              for k, m in checkpoint.flat_paths(to_layer_layout(tree, spec, target, name)).items()}
+             for tree, spec, name in zip(trees, specs, names)]
+    check_compatible(metas, names)
+    return locations, specs, trees
+
+
+def _abstract(metadata_tree):
+    """A metadata tree (Orbax's or an HF folder's) as `jax.ShapeDtypeStruct` leaves, which
+    the `embedder.model.layer_stack` converters take."""
+    import jax
+
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), metadata_tree)
+
+
+def layer_layout(params) -> bool | None:
+    """True for the scanned layer layout (`encoder/layers`), False for the unrolled one
+    (`encoder/layer_{i}`), None for a tree without an encoder (nothing to convert)."""
+    from embedder.model.layer_stack import is_stacked
+
+    try:
+        return is_stacked(params)
+    except ValueError:
+        return None
+
+
+def to_layer_layout(params, spec: dict, stacked: bool | None, name: str):
+    """`params` of ingredient `name` (its `spec`) in the scanned (`stacked=True`) or unrolled
+    layer layout, through `embedder.model.layer_stack.match_layer_layout`; a tree already
+    in it (or `stacked=None`, or a tree without an encoder) comes back as it is. Leaves may
+    be numpy, jax (sharded) arrays or `jax.ShapeDtypeStruct`s."""
+    current = layer_layout(params)
+    if stacked is None or current is None or current == stacked:
+        return params
+    from embedder.model.config import ModelConfig
+    from embedder.model.layer_stack import match_layer_layout
+
+    want = "scanned" if stacked else "unrolled"
+    try:
+        cfg = ModelConfig.from_dict(dict(spec.get("model") or {}, scan_layers=stacked))
+        return match_layer_layout(params, cfg)
+    except (TypeError, ValueError) as e:
+        raise SoupError(f"cannot bring {name} to the {want} layer layout of the soup's first ingredient: {e}") from e
 
 
 def check_compatible(metas: Sequence[dict], names: Sequence[str]) -> None:
@@ -123,8 +180,9 @@ def normalise_weights(weights: Sequence[float] | None, count: int) -> list[float
 
 # ---------------------------------------------------------------- arithmetic
 
-def auto_shardings(location):
-    """Shards each parameter's largest divisible axis over all devices (replicated otherwise).
+def auto_shardings(location_or_tree):
+    """Shards each parameter's largest divisible axis over all devices (replicated otherwise),
+    for a located model's on-disk params tree or a tree of `.shape` leaves.
 
     Returns None on a single device, where host numpy arrays are the cheapest place.
     """
@@ -146,7 +204,10 @@ def auto_shardings(location):
             spec[axes[0]] = "fsdp"
         return NamedSharding(mesh, PartitionSpec(*spec))
 
-    return jax.tree.map(place, checkpoint.param_tree_metadata(location))
+    tree = location_or_tree
+    if isinstance(tree, checkpoint.ModelLocation):
+        tree = checkpoint.param_tree_metadata(tree)
+    return jax.tree.map(place, tree)
 
 
 class RunningSum:
@@ -206,32 +267,41 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
         raise SoupError("method 'greedy' needs held-out tasks to score ingredients: pass --task TASK_DIR")
     if weights is not None and method != "weighted":
         raise SoupError(f"--weights only applies to --method weighted (got method {method!r})")
-    locations = locate_ingredients(paths, best_metric=best_metric, best_mode=best_mode)
-    # Every ingredient has the same tree (checked above), so one sharding tree serves all.
-    shardings = auto_shardings(locations[0]) if shard else None
+    locations, specs, trees = _locate(paths, best_metric=best_metric, best_mode=best_mode)
+    names = [str(loc.directory) for loc in locations]
+    # Each ingredient loads in its own layer layout (its own sharding tree) and is then brought
+    # to the layout of the soup's first ingredient, placed as that one is.
+    shardings = [auto_shardings(tree) for tree in trees] if shard else [None] * len(trees)
 
-    def load(loc):
-        return checkpoint.load_located(loc, shardings)
+    def load(i):
+        """Ingredient i as saved -> `(params, spec)`."""
+        return checkpoint.load_located(locations[i], shardings[i])
 
-    specs = []
+    def to_soup_layout(i, params, first):
+        """Ingredient i's params in the layer layout (and placement) of ingredient `first`."""
+        out = to_layer_layout(params, specs[i], layer_layout(trees[first]), names[i])
+        if out is not params and shardings[first] is not None:
+            import jax
+
+            out = jax.device_put(out, shardings[first])
+        return out
+
     entries = [{**loc.describe(), "weight": None, "score": None} for loc in locations]
     if method == "greedy":
-        params, spec, soup_score = _greedy(locations, load, score_fn, entries, specs)
+        params, spec, soup_score = _greedy(locations, load, to_soup_layout, score_fn, entries)
     else:
         norm = normalise_weights(weights if method == "weighted" else None, len(locations))
         acc = RunningSum()
-        for loc, entry, w in zip(locations, entries, norm):
-            p, spec = load(loc)
-            specs.append(spec)
+        for i, (entry, w) in enumerate(zip(entries, norm)):
+            p, spec = load(i)
             if score_fn is not None:
                 entry["score"] = float(score_fn(p, spec))
-            acc.add(p, None if method == "uniform" else w)
+            acc.add(to_soup_layout(i, p, 0), None if method == "uniform" else w)
             entry["weight"] = w
             del p
         params = acc.result(divide_by=len(locations) if method == "uniform" else None)
         spec = specs[0]
         soup_score = float(score_fn(params, spec)) if score_fn is not None else None
-    _check_specs(specs, entries)
     report = {"method": method, "ingredients": entries, "soup_score": soup_score,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return params, spec, report
@@ -252,31 +322,36 @@ def _architecture(model: dict) -> dict:
     return {k: norm(model.get(k, defaults.get(k))) for k in sorted((set(model) | set(defaults)) - set(RUN_FIELDS))}
 
 
-def _check_specs(specs, entries) -> None:
+def _check_specs(specs, names) -> None:
+    """Raises `SoupError` when an ingredient's spec is another architecture than the first's
+    (run-time fields such as `scan_layers` aside: layouts are converted)."""
     ref = _architecture(specs[0].get("model") or {})
-    for spec, entry in zip(specs[1:], entries[1:]):
+    for spec, name in zip(specs[1:], names[1:]):
         arch = _architecture(spec.get("model") or {})
         if arch != ref:
             diff = [k for k in ref if arch.get(k) != ref[k]]
-            raise SoupError(f"model configs differ between {entries[0]['path']} and {entry['path']} "
+            raise SoupError(f"model configs differ between {names[0]} and {name} "
                             f"in {diff}; only runs of one architecture can be souped")
 
 
-def _greedy(locations, load, score_fn, entries, specs):
+def _greedy(locations, load, to_soup_layout, score_fn, entries):
     # Score each ingredient alone, then add them best-first, keeping each only if the soup does not get worse.
-    for loc, entry in zip(locations, entries):
-        p, spec = load(loc)
+    # The best ingredient is the soup's first: its spec and layer layout are the soup's.
+    specs = []
+    for i, entry in enumerate(entries):
+        p, spec = load(i)
         specs.append(spec)
         entry["score"] = float(score_fn(p, spec))
         del p
     order = sorted(range(len(locations)), key=lambda i: -entries[i]["score"])
-    spec = specs[order[0]]
+    first = order[0]
+    spec = specs[first]
     acc = RunningSum()
-    acc.add(load(locations[order[0]])[0])
-    soup_score = entries[order[0]]["score"]
-    kept = [order[0]]
+    acc.add(load(first)[0])
+    soup_score = entries[first]["score"]
+    kept = [first]
     for i in order[1:]:
-        trial = acc.plus(load(locations[i])[0])
+        trial = acc.plus(to_soup_layout(i, load(i)[0], first))
         trial_score = float(score_fn(trial.result(divide_by=trial.count), spec))
         entries[i]["trial_score"] = trial_score
         if trial_score >= soup_score:

@@ -237,3 +237,111 @@ def test_hf_folder_ingredients(tmp_path, capsys):
         soup.make_soup([ex, tmp_path / "other"])
     assert soup.main(["--out", str(tmp_path / "x"), str(ex), str(tmp_path / "other")]) == 2
     assert "Hugging Face" in capsys.readouterr().err
+
+
+def _unstack_flat(flat, num_layers):
+    """Flat scanned params -> flat unrolled ones, by numpy indexing (independent of layer_stack)."""
+    out = {}
+    for key, value in flat.items():
+        if key.startswith("encoder/layers/"):
+            for i in range(num_layers):
+                out[key.replace("encoder/layers/", f"encoder/layer_{i}/", 1)] = np.asarray(value)[i]
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def _stack_flat(flat, num_layers):
+    """Flat unrolled params -> flat scanned ones, by np.stack (independent of layer_stack)."""
+    out = {k: np.asarray(v) for k, v in flat.items() if not k.startswith("encoder/layer_")}
+    for key in flat:
+        if key.startswith("encoder/layer_0/"):
+            rest = key[len("encoder/layer_0/"):]
+            out["encoder/layers/" + rest] = np.stack([np.asarray(flat[f"encoder/layer_{i}/{rest}"])
+                                                       for i in range(num_layers)])
+    return out
+
+
+def test_scanned_and_unrolled_ingredients_soup_in_the_first_layout(tmp_path):
+    # A scan_layers run's export souped with an HF folder (unrolled) of the same architecture:
+    # each ingredient is brought to the first one's layer layout, whichever order they come in.
+    pytest.importorskip("transformers")
+    from embedder.convert.from_hf import convert_from_hf, read_hf_folder
+    from tests.test_convert_hf import _bert_folder
+
+    hf_a, hf_b = tmp_path / "hf_a", tmp_path / "hf_b"
+    _bert_folder(hf_a, seed=0)
+    _bert_folder(hf_b, seed=1)
+    scanned = convert_from_hf(hf_b, tmp_path / "scanned_b", scan_layers=True)
+    a_unrolled = {k: np.asarray(v) for k, v in checkpoint.flat_paths(read_hf_folder(hf_a).params).items()}
+    b_stored, b_spec = checkpoint.load_params(scanned)
+    assert b_spec["model"]["scan_layers"] is True and "layers" in b_stored["encoder"]
+    layers = b_spec["model"]["num_layers"]
+    b_scanned = {k: np.asarray(v) for k, v in checkpoint.flat_paths(b_stored).items()}
+    b_unrolled = _unstack_flat(b_scanned, layers)
+    a_scanned = _stack_flat(a_unrolled, layers)
+    assert sorted(b_unrolled) == sorted(a_unrolled)
+    assert any(not np.array_equal(a_unrolled[k], b_unrolled[k]) for k in a_unrolled)
+
+    # The metadata check (no arrays read) accepts both orders.
+    assert len(soup.locate_ingredients([hf_a, scanned])) == len(soup.locate_ingredients([scanned, hf_a])) == 2
+
+    # HF folder first: the soup is unrolled, with the folder's spec (on the host).
+    params, spec, _ = soup.make_soup([hf_a, scanned], method="weighted", weights=[1, 3], shard=False)
+    assert_bitwise(params, reference([a_unrolled, b_unrolled], [0.25, 0.75]))
+    assert spec == checkpoint.load_spec(checkpoint.locate_model(hf_a))
+    assert spec["model"]["scan_layers"] is False
+
+    # Scanned export first: the soup is scanned, with the export's spec, placed (sharded) as
+    # the export's own parameters are.
+    params, spec, report = soup.make_soup([scanned, hf_a], method="weighted", weights=[3, 1])
+    assert_bitwise(params, reference([b_scanned, a_scanned], [0.75, 0.25]))
+    assert spec == b_spec
+    assert [e["kind"] for e in report["ingredients"]] == ["export", "hf"]
+    placed = soup.auto_shardings(checkpoint.locate_model(scanned))
+    jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), params, placed)
+    assert len(params["encoder"]["layers"]["mlp"]["up"]["w"].sharding.device_set) == 8
+
+    # The soup written in the scanned layout loads back as such (the spec agrees with the tree).
+    out = soup.write_soup(tmp_path / "soup", params, spec, report)
+    loaded, loaded_spec = checkpoint.resolve_model_path(out)
+    assert loaded_spec["model"]["scan_layers"] is True
+    assert_bitwise(loaded, reference([b_scanned, a_scanned], [0.75, 0.25]))
+
+    # Greedy: the best ingredient (the folder, tied with its scanned export and given first)
+    # is the soup's first, so its unrolled layout and spec are the soup's; the far one is dropped.
+    scanned_a = convert_from_hf(hf_a, tmp_path / "scanned_a", scan_layers=True)
+
+    def score(p, _spec):
+        flat = {k: np.asarray(v) for k, v in checkpoint.flat_paths(p).items()}
+        flat = _unstack_flat(flat, layers) if "encoder/layers/mlp/up/w" in flat else flat
+        return -float(sum(np.sum((flat[k].astype(np.float64) - a_unrolled[k]) ** 2) for k in a_unrolled))
+
+    params, spec, report = soup.make_soup([scanned, hf_a, scanned_a], method="greedy", score_fn=score)
+    assert {e["path"]: e["weight"] for e in report["ingredients"]} == {
+        str(hf_a): 0.5, str(scanned_a): 0.5, str(scanned): 0.0}
+    assert report["ingredients"][0]["path"] == str(hf_a) and spec["model"]["scan_layers"] is False
+    assert_bitwise(params, a_unrolled)
+
+
+def test_layouts_do_not_hide_an_architecture_mismatch(tmp_path):
+    pytest.importorskip("transformers")
+    from embedder.convert.from_hf import convert_from_hf
+    from tests.test_convert_hf import _bert_folder
+
+    hf = tmp_path / "hf"
+    _bert_folder(hf, seed=0)
+    scanned = convert_from_hf(hf, tmp_path / "scanned", scan_layers=True)
+    # One layer fewer, scanned: another architecture, not another layout.
+    params, spec = checkpoint.load_params(scanned)
+    params["encoder"]["layers"] = jax.tree.map(lambda x: np.asarray(x)[:1], params["encoder"]["layers"])
+    spec = {**spec, "model": {**spec["model"], "num_layers": 1}}
+    short = checkpoint.save_params(tmp_path / "short", params, spec)
+    for order in ([hf, short], [short, hf]):
+        with pytest.raises(soup.SoupError, match=r"model configs differ between .* in \['num_layers'\]; "
+                                                 "only runs of one architecture"):
+            soup.make_soup(order, method="weighted", weights=[1, 1])
+    # A tree that does not match its own spec's layer count says so, naming the ingredient.
+    bad = checkpoint.save_params(tmp_path / "bad", params, {**spec, "model": {**spec["model"], "num_layers": 2}})
+    with pytest.raises(soup.SoupError, match=r"cannot bring .*bad to the unrolled layer layout .*num_layers=2"):
+        soup.make_soup([hf, bad])
