@@ -21,6 +21,7 @@ import numpy as np
 
 from embedder import sharding
 from embedder.train.config import config_to_json, model_spec
+from embedder.train.preemption import Preemption
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
 log = logging.getLogger("embedder.train")
@@ -62,52 +63,6 @@ def check_config(config) -> None:
     need(0 <= warmup <= total,
          f"config.optimizer.warmup_steps={warmup} is outside [0, total_steps={total}]; "
          f"set --config.optimizer.warmup_steps={min(max(warmup, 0), total)} or raise --config.total_steps")
-
-
-class _Preemption:
-    """Turns SIGTERM into a stop at a step boundary, the same step on every host.
-
-    One process: a Python SIGTERM handler sets a flag the loop checks after each
-    step. Several processes (after `jax.distributed.initialize`): SIGTERM may reach
-    one host only, or hosts at different steps, and a save is a collective, so the
-    stop must be agreed. JAX's preemption service (its C++ SIGTERM notifier and the
-    coordination service) does that: `check(step)` turns true on every host at the
-    same step (`multihost_utils.reached_preemption_sync_point`); no Python handler
-    is installed then, as it would replace the notifier.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._synced = False
-
-    def __enter__(self):
-        from jax._src import distributed
-
-        if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
-            self._synced = True
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def check(self, step: int) -> bool:
-        """Called once after every train step; true when the run should save and stop."""
-        if self._synced and not self.requested:
-            from jax.experimental import multihost_utils
-
-            self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
-        return self.requested
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _setup_logging() -> None:
@@ -302,7 +257,7 @@ class Trainer:
         from tqdm import tqdm
 
         # SIGTERM from here on turns into a clean stop at the next step boundary.
-        with _Preemption() as preemption:
+        with Preemption() as preemption:
             start = self.restore_or_init()
             writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=start)
             bar = tqdm(total=int(self.config.total_steps), initial=start, desc="train", unit="step",
@@ -331,7 +286,7 @@ class Trainer:
         if started and os.environ.get(_KILL_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _train(self, start: int, writer: MetricsWriter, bar, preemption: _Preemption) -> dict:
+    def _train(self, start: int, writer: MetricsWriter, bar, preemption: Preemption) -> dict:
         cfg = self.config
         total = int(cfg.total_steps)
         eval_every = int(cfg.eval.every_steps)
