@@ -167,7 +167,7 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
 
     entries = [{**loc.describe(), "weight": None, "score": None} for loc in locations]
     if method == "greedy":
-        params, spec, soup_score = _greedy(locations, load, to_soup_layout, score_fn, entries)
+        params, spec, soup_score = _greedy(locations, specs, load, to_soup_layout, score_fn, entries)
     else:
         norm = normalise_weights(weights if method == "weighted" else None, len(locations))
         acc = RunningSum()
@@ -186,13 +186,11 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
     return params, spec, report
 
 
-def _greedy(locations, load, to_soup_layout, score_fn, entries):
+def _greedy(locations, specs, load, to_soup_layout, score_fn, entries):
     # Score each ingredient alone, then add them best-first, keeping each only if the soup does not get worse.
     # The best ingredient is the soup's first: its spec and layer layout are the soup's.
-    specs = []
     for i, entry in enumerate(entries):
         p, spec = load(i)
-        specs.append(spec)
         entry["score"] = float(score_fn(p, spec))
         del p
     order = sorted(range(len(locations)), key=lambda i: -entries[i]["score"])

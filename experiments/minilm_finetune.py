@@ -108,17 +108,16 @@ def _write_rows(out: pathlib.Path, rows) -> None:
     tmp.replace(out)
 
 
-def mine(out: pathlib.Path, n_pairs: int, seed: int, log) -> dict:
-    """Samples `n_pairs` training pairs and mines one hard negative each with the base model
-    (exact top-k over the sampled pairs' documents, the positive and near-duplicates skipped)."""
-    from embedder import Embedder
+def mine(out: pathlib.Path, records: list[dict], n_pairs: int, base, seed: int, log) -> dict:
+    """Takes the first `n_pairs` of `records` (`_read_pairs` order) and mines one hard negative
+    each with the `base` Embedder (exact top-k over those pairs' documents, the positive and
+    near-duplicates skipped)."""
     from embedder.synth.negatives import MiningConfig, mine_negatives
 
-    records = [{"query": r["query"], "positive": r["positive"]} for r in _read_pairs(TRAIN_PAIRS, seed)[:n_pairs]]
-    base = Embedder.load(minilm_path())
+    pairs = [{"query": r["query"], "positive": r["positive"]} for r in records[:n_pairs]]
     t0, c0 = time.time(), time.process_time()
-    mined = list(mine_negatives(records, base, config=MiningConfig(num_negatives=SETTINGS["num_negatives"],
-                                                                   index="exact", seed=seed),
+    mined = list(mine_negatives(pairs, base, config=MiningConfig(num_negatives=SETTINGS["num_negatives"],
+                                                                 index="exact", seed=seed),
                                 task="search result"))
     stats = {"pairs": len(mined), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     _write_rows(out, mined)
@@ -126,28 +125,24 @@ def mine(out: pathlib.Path, n_pairs: int, seed: int, log) -> dict:
     return stats
 
 
-def mine_sections(out: pathlib.Path, n_rows: int, skip: int, seed: int, log) -> dict:
+def mine_sections(out: pathlib.Path, records: list[dict], n_rows: int, skip: int, base, log) -> dict:
     """Classification-style triples from the training pairs' sections: description -> section
-    name, negative = the wrong section the base model scores highest for that description.
-    Every section of the training pairs is a candidate label (not only the evaluated ones);
-    rows are the `n_rows` records after the first `skip` (the retrieval rows)."""
+    name, negative = the wrong section the `base` Embedder scores highest for that description.
+    Every section of `records` is a candidate label (not only the evaluated ones); rows are the
+    `n_rows` records after the first `skip` (the retrieval rows)."""
     import numpy as np
 
-    from embedder import Embedder
-
-    records = _read_pairs(TRAIN_PAIRS, seed)
     labels = sorted({r["section"] for r in records})
     rows = records[skip: skip + n_rows]
     if len(rows) < n_rows:
         raise SystemExit(f"{TRAIN_PAIRS} has {len(records)} pairs: too few for {skip} retrieval rows "
                          f"plus {n_rows} section rows; lower --steps, --section-steps or --batch")
-    base = Embedder.load(minilm_path())
     t0, c0 = time.time(), time.process_time()
     label_emb = base.encode(labels, role="document", task="classification")
     text_emb = base.encode([r["positive"] for r in rows], role="query", task="classification")
     scores = np.asarray(text_emb, np.float32) @ np.asarray(label_emb, np.float32).T  # [rows, labels]
-    truth = np.array([labels.index(r["section"]) for r in rows])
-    scores[np.arange(len(rows)), truth] = -np.inf
+    index = {label: i for i, label in enumerate(labels)}
+    scores[np.arange(len(rows)), [index[r["section"]] for r in rows]] = -np.inf
     hardest = scores.argmax(axis=1)
     triples = [{"query": r["positive"], "positive": r["section"], "negatives": [labels[j]],
                 "task": "classification"} for r, j in zip(rows, hardest)]
@@ -156,6 +151,7 @@ def mine_sections(out: pathlib.Path, n_rows: int, skip: int, seed: int, log) -> 
              "cpu_s": time.process_time() - c0}
     log.info("built %d section rows over %d labels in %.0fs", len(triples), len(labels), stats["wall_s"])
     return stats
+
 
 def evaluate(model_path, out: pathlib.Path, log, tasks=TASK_DIRS) -> dict:
     """Our evaluator on the shipped tasks; cached in `out` (tasks missing there are added)."""
@@ -275,21 +271,28 @@ def main(argv=None) -> int:
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
 
     mined = wd / "mined.jsonl"
-    if "mine" in stages and not mined.is_file():
-        timing["mining"] = mine(mined, args.steps * args.batch, SETTINGS["seed"], log)
-        timing_file.write_text(json.dumps(timing, indent=1))
     sections = wd / "section_rows.jsonl"
-    n_sections = args.section_steps * args.batch
-    if "mine" in stages and n_sections and not sections.is_file():
-        timing["sections"] = mine_sections(sections, n_sections, args.steps * args.batch, SETTINGS["seed"], log)
+    n_retrieval, n_sections = args.steps * args.batch, args.section_steps * args.batch
+    need_mined = not mined.is_file()
+    need_sections = bool(n_sections) and not sections.is_file()
+    if "mine" in stages and (need_mined or need_sections):
+        # One read of the pairs and one base model serve both datasets.
+        from embedder import Embedder
+
+        records, base = _read_pairs(TRAIN_PAIRS, SETTINGS["seed"]), Embedder.load(minilm_path())
+        if need_mined:
+            timing["mining"] = mine(mined, records, n_retrieval, base, SETTINGS["seed"], log)
+        if need_sections:
+            timing["sections"] = mine_sections(sections, records, n_sections, n_retrieval, base, log)
         timing_file.write_text(json.dumps(timing, indent=1))
+        del records, base
     if "eval-base" in stages:
         evaluate(minilm_path(), wd / "eval_base.json", log, tasks)
 
     from embedder.train.loop import train
 
     # Exactly the rows the sentence-transformers side-by-side trains on: one pass over them.
-    rows = mined.read_text(encoding="utf-8").splitlines()[: args.steps * args.batch]
+    rows = mined.read_text(encoding="utf-8").splitlines()[:n_retrieval]
     train_file = wd / "train_rows.jsonl"
     train_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     config = get_config()
