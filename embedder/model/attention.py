@@ -4,6 +4,7 @@ QK-norm, RoPE and logit soft-capping."""
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -13,23 +14,41 @@ from embedder.model.norms import RMSNorm
 from embedder.model.rope import rope_inv_freq, rotate
 
 
+@flax.struct.dataclass
+class PackedMask:
+    """What attention needs to know about packed rows (`embedder.data.packing`), passed
+    where a `[B, L]` key mask goes: `sequence_ids` `[R, L]` (the sequence each token
+    belongs to, -1 on padding) and `positions` `[R, L]` (the token's position within
+    its sequence)."""
+
+    sequence_ids: jax.Array
+    positions: jax.Array
+
+
 def attention_mask(key_mask, window: int | None = None, is_local=None):
     """Boolean, broadcastable to `[B, 1, L, L]`: query i may see key j.
 
     Every query sees every non-padding key; with a `window`, only keys with
     `|i - j| < window` (the symmetric window of bidirectional local layers).
     Under `scan_layers` a traced bool scalar `is_local` (this layer's entry of the
-    pattern) decides at run time whether the window applies.
+    pattern) decides at run time whether the window applies. A `PackedMask` restricts
+    each query to the keys of its own sequence, and the window to positions within it.
     """
-    key_mask = jnp.asarray(key_mask).astype(bool)
-    mask = key_mask[:, None, None, :]
+    if isinstance(key_mask, PackedMask):
+        seq = key_mask.sequence_ids
+        mask = (seq[:, None, :, None] == seq[:, None, None, :]) & (seq[:, None, None, :] >= 0)
+        pos = key_mask.positions[:, None]  # [R, 1, L]
+        rel = pos[..., :, None] - pos[..., None, :]
+    else:
+        key_mask = jnp.asarray(key_mask).astype(bool)
+        mask = key_mask[:, None, None, :]
+        pos = jnp.arange(key_mask.shape[-1])
+        rel = (pos[:, None] - pos[None, :])[None, None]
     if window is not None:
-        length = key_mask.shape[-1]
-        pos = jnp.arange(length)
-        near = jnp.abs(pos[:, None] - pos[None, :]) < window
+        near = jnp.abs(rel) < window
         if is_local is not None:
             near = near | ~is_local
-        mask = mask & near[None, None]
+        mask = mask & near
     return mask
 
 
@@ -79,7 +98,8 @@ class Attention(nn.Module):
             # Scanned mixed layers select the frequencies (not the rotated q/k): one rotation per layer.
             inv_freq = (jnp.where(is_local, local_freq, global_freq) if is_local is not None
                         else local_freq if local else global_freq)
-            positions = jnp.arange(x.shape[1])
+            positions = (key_mask.positions if isinstance(key_mask, PackedMask)
+                         else jnp.arange(x.shape[1]))
             q = rotate(q, positions, inv_freq)
             key = rotate(key, positions, inv_freq)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from embedder.model.attention import Attention
+from embedder.model.attention import Attention, PackedMask
 from embedder.model.config import ModelConfig
 from embedder.model.feedforward import FeedForward
 from embedder.model.norms import LayerNorm
@@ -45,6 +45,7 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """`attention_mask`: `[B, L]` (1 = real token) or a `PackedMask` for packed rows."""
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         length = input_ids.shape[1]
@@ -63,8 +64,12 @@ class BertEncoder(nn.Module):
         types = table("type_embedding", cfg.type_vocab_size, "types")
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        if isinstance(attention_mask, PackedMask):  # positions restart for each packed sequence
+            position_embedding = jnp.take(positions, attention_mask.positions, axis=0)
+        else:
+            position_embedding = positions[None, :length]
         x = (jnp.take(words, input_ids, axis=0) + jnp.take(types, token_type_ids, axis=0)
-             + positions[None, :length])
+             + position_embedding)
         x = LayerNorm(cfg.layer_norm_eps, pdtype, name="embed_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic or cfg.dropout_rate == 0)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

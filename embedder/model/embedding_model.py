@@ -1,33 +1,55 @@
-"""`EmbeddingModel`: encoder -> masked mean pooling -> projection head (un-normalised)."""
+"""`EmbeddingModel`: encoder -> masked mean pooling -> projection head (un-normalised).
+
+Padded input is `[B, L]` ids and mask; packed input (`embedder.data.packing`) is `[R, L]`
+ids with the `sequence_ids` and `positions` of each token, and gives `[num_sequences, D]`.
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from embedder.model.attention import PackedMask
 from embedder.model.bert import BertEncoder
 from embedder.model.config import ModelConfig
 from embedder.model.gemma import GemmaEncoder
-from embedder.model.heads import ProjectionHead, mean_pool
+from embedder.model.heads import ProjectionHead, mean_pool, packed_mean_pool
 
 _ENCODERS = {"gemma": GemmaEncoder, "bert": BertEncoder}
 
 
 class EmbeddingModel(nn.Module):
     """`apply(params, input_ids, attention_mask, token_type_ids=None, deterministic=True)`
-    -> `[B, D]` float32, or `(emb, hidden)` with `return_hidden=True`."""
+    -> `[B, D]` float32, or `(emb, hidden)` with `return_hidden=True`.
+
+    Packed rows: `apply(params, ids, None, sequence_ids=..., positions=..., num_sequences=N)`
+    -> `[N, D]`, equal (up to float rounding) to the padded call on the N sequences.
+    """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, *, sequence_ids=None, positions=None,
+                 num_sequences: int | None = None):
         cfg = self.config
-        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        packed = sequence_ids is not None
+        if packed:
+            if attention_mask is not None or positions is None or num_sequences is None:
+                raise ValueError("packed input takes sequence_ids, positions and num_sequences, "
+                                 "and attention_mask=None")
+            if not (input_ids.shape == sequence_ids.shape == positions.shape) or input_ids.ndim != 2:
+                raise ValueError(f"packed input_ids {input_ids.shape}, sequence_ids {sequence_ids.shape} "
+                                 f"and positions {positions.shape} must all be [rows, length]")
+            attention_mask = PackedMask(jnp.asarray(sequence_ids, jnp.int32), jnp.asarray(positions, jnp.int32))
+        elif attention_mask is None or input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
-                f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both "
-                "be [batch, length]")
+                f"input_ids {input_ids.shape} and attention_mask "
+                f"{None if attention_mask is None else attention_mask.shape} must both be [batch, length]")
         hidden = _ENCODERS[cfg.family](cfg, name="encoder")(
             input_ids, attention_mask, token_type_ids, deterministic)
-        emb = ProjectionHead(cfg.projection_dims, name="head")(mean_pool(hidden, attention_mask))
+        pooled = (packed_mean_pool(hidden, attention_mask.sequence_ids, num_sequences) if packed
+                  else mean_pool(hidden, attention_mask))
+        emb = ProjectionHead(cfg.projection_dims, name="head")(pooled)
         emb = nn.with_logical_constraint(emb, ("batch", "proj"))
         return (emb, hidden) if return_hidden else emb

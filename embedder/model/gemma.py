@@ -49,6 +49,8 @@ class GemmaEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        """`attention_mask`: `[B, L]` (1 = real token) or an `attention.PackedMask` for packed
+        rows (RoPE then rotates by the positions within each sequence)."""
         del token_type_ids  # gemma has no segment embeddings
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)

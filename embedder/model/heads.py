@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from embedder.model.einsum import Einsum
@@ -14,6 +15,18 @@ def mean_pool(hidden, mask):
     total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
     # A row with no real token pools to zeros instead of NaN.
     return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def packed_mean_pool(hidden, sequence_ids, num_sequences: int):
+    """`[num_sequences, D]` float32: the mean of `hidden` `[R, L, D]` over the tokens of each
+    packed sequence (`sequence_ids` `[R, L]`, -1 on padding). A sequence with no token pools
+    to zeros, as an all-padding row does in `mean_pool`."""
+    d = hidden.shape[-1]
+    ids = sequence_ids.reshape(-1)
+    ids = jnp.where(ids < 0, num_sequences, ids)  # padding goes to one extra, dropped, segment
+    total = jax.ops.segment_sum(hidden.reshape(-1, d).astype(jnp.float32), ids, num_sequences + 1)
+    count = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.float32), ids, num_sequences + 1)
+    return total[:num_sequences] / jnp.maximum(count[:num_sequences], 1.0)[:, None]
 
 
 class ProjectionHead(nn.Module):
