@@ -188,3 +188,42 @@ def test_bad_config_errors():
         make_train_step(StandInEncoder(), {"dims": (8,), "temperatur": 0.1}, make_optimizer(OPT, 10))
     with pytest.raises(ValueError, match="grad_cache_chunks"):
         make_train_step(StandInEncoder(), LOSS, make_optimizer(OPT, 10), grad_cache_chunks=-2)
+
+
+def _one_step(model, batch, mesh, loss):
+    optimizer = make_optimizer(OPT, total_steps=10)
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
+                                              sharding.DEFAULT_RULES, batch)
+        step = jit_train_step(make_train_step(model, loss, optimizer), shardings, mesh)
+        state, metrics = step(state, sharding.host_to_global(batch, mesh), jax.random.key(1))
+        return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}
+
+
+def test_packed_step_equals_padded_step():
+    """A packed batch (one encoder call over packed rows, split over 8 devices) gives the
+    padded single-device step's loss, gradient norm and updated parameters, on the real
+    encoder, with hard negatives, missing negatives and duplicate texts."""
+    from embedder.data.packing import pack_batch
+    from embedder.model import EmbeddingModel, get_model_config
+
+    model = EmbeddingModel(get_model_config("tiny-bert"))
+    batch = make_batch(3)
+    packed = pack_batch(batch, pad_id=0, row_multiple=8)
+    assert packed["packed_ids"].shape[0] < B * (2 + K)  # rows were shared
+    loss = dict(LOSS, mask_duplicates=True)
+    p_pad, m_pad = _one_step(model, batch, mesh_of((1, 1, 1), jax.devices()[:1]), loss)
+    p_pack, m_pack = _one_step(model, packed, mesh_of((8, 1, 1)), loss)
+    for key in ("loss", "grad_norm", "update_norm"):
+        np.testing.assert_allclose(m_pack[key], m_pad[key], rtol=2e-5, err_msg=key)
+    for (path, a), b in zip(jax.tree.leaves_with_path(p_pad), jax.tree.leaves(p_pack)):
+        np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_gradient_cache_refuses_packed_batches():
+    from embedder.data.packing import pack_batch
+    from embedder.train.step import make_grad_fn
+
+    grad_fn = make_grad_fn(StandInEncoder(), LOSS, grad_cache_chunks=2)
+    with pytest.raises(ValueError, match="data.packing=false"):
+        grad_fn({}, pack_batch(make_batch(0), pad_id=0), jax.random.key(1))

@@ -22,10 +22,12 @@ class TrainState:
 
 
 def _query_length(example_batch_shapes: Mapping[str, Any]) -> int:
-    if "query_ids" not in example_batch_shapes:
+    key = "query_ids" if "query_ids" in example_batch_shapes else "packed_ids"
+    if key not in example_batch_shapes:
         raise ValueError("create_train_state: example_batch_shapes needs a 'query_ids' entry "
-                         f"([B, L] int32, ARCHITECTURE.md 'Batches'); got {sorted(example_batch_shapes)}")
-    shape = example_batch_shapes["query_ids"]
+                         "([B, L] int32, ARCHITECTURE.md 'Batches'), or 'packed_ids' for packed "
+                         f"batches; got {sorted(example_batch_shapes)}")
+    shape = example_batch_shapes[key]
     shape = tuple(shape.shape) if hasattr(shape, "shape") else tuple(shape)
     return int(shape[-1])
 

@@ -30,9 +30,32 @@ def _constrain_rows(x: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
+PACKED_KEYS = ("packed_ids", "packed_sequence_ids", "packed_positions")
+
+
+def is_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether `batch` holds packed rows (`embedder.data.packing`) instead of padded ones."""
+    return "packed_ids" in batch
+
+
 def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
                 deterministic: bool = False) -> dict[str, jax.Array]:
-    """`{"query": [B, D], "positive": [B, D], "negative": [B, K, D]}` (negative only when K > 0)."""
+    """`{"query": [B, D], "positive": [B, D], "negative": [B, K, D]}` (negative only when K > 0).
+
+    A packed batch (`packed_ids`, `packed_sequence_ids`, `packed_positions`, all `[R, L]`,
+    and `negatives_valid` `[B, K]`) numbers its sequences queries `0..B-1`, positives
+    `B..2B-1`, then negatives `2B + b*K + k`, and runs the encoder once over all of them.
+    """
+    if is_packed(batch):
+        b, k = batch["negatives_valid"].shape
+        emb = model.apply({"params": params}, batch["packed_ids"], None, deterministic=deterministic,
+                          sequence_ids=batch["packed_sequence_ids"], positions=batch["packed_positions"],
+                          num_sequences=b * (2 + k), rngs={"dropout": rng})
+        out = {"query": _constrain_rows(emb[:b]), "positive": _constrain_rows(emb[b:2 * b])}
+        if k > 0:
+            out["negative"] = _constrain_rows(emb[2 * b:].reshape(b, k, -1))
+        return out
+
     def encode(ids, mask, stream):
         return model.apply({"params": params}, ids, mask, deterministic=deterministic,
                            rngs={"dropout": jax.random.fold_in(rng, stream)})
@@ -79,6 +102,10 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0):
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
     else:
         def grad_fn(params, batch, rng):
+            if is_packed(batch):
+                raise ValueError("the gradient cache splits padded batches by rows; packed batches "
+                                 "(data.packing) cannot be chunked yet: set data.packing=false or "
+                                 "train.grad_cache_chunks=0")
             model_inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
             return cached_value_and_grad(embed, loss_of_embeddings(batch), params, model_inputs, rng, chunks)
     return grad_fn
