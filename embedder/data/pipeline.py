@@ -4,35 +4,7 @@
 returns a `TrainIterator` whose batches follow ARCHITECTURE.md "Batches" (numpy, this host's
 rows) and whose `get_state()`/`set_state()` make a resumed run see exactly the same batches.
 
-`data_config` (an `ml_collections.ConfigDict`; start from `default_data_config()`):
-
-    datasets            list of dicts, one per mixture component:
-                          name     str, unique; shows up in metrics and in `batch["dataset"]` order
-                          builder  "jsonl" (default when `files` is set) | "beir" | "debian"
-                          files    list of .jsonl / .jsonl.gz paths            (jsonl)
-                          path     BEIR folder (corpus, queries, qrels/)       (beir)
-                                   or the Debian train_pairs file              (debian, optional)
-                          split    qrels split for BEIR, default "train"
-                          task     task string for the query prompt, default "search result";
-                                   a record's own "task" field wins
-                          weight   mixture weight (>= 0), default 1.0
-    mode                "homogeneous": each global batch from one dataset, drawn by weight
-                        (fine-tuning); "mixed": rows from all datasets in one batch (pre-finetuning)
-    query_max_length    tokens per query, prompt and special tokens included (the text is cut)
-    document_max_length tokens per positive / negative
-    query_length_buckets, document_length_buckets
-                        padded lengths; a batch side is padded to the smallest bucket that fits,
-                        so the step compiles at most len(q) * len(d) times. Empty -> powers of two
-                        from max_length / 8 up to max_length. Positives and negatives share a bucket.
-    num_negatives       K hard negatives per row; rows with fewer get `negatives_valid=False` slots
-                        (a record with more keeps a seeded random K)
-    on_bad_record       "strict": stop before training with `FILE:LINE: problem (fix)`;
-                        "skip": skip bad records, count them per reason (`iterator.skip_counts`)
-    max_text_chars      a longer query / positive / negative / title is a bad record
-    data_dir            where prepared array_record datasets live ("" -> $TFDS_DATA_DIR or
-                        ~/tensorflow_datasets); the train loop may point it into the workdir
-    shuffle             visit each dataset in a seeded random order, reshuffled every epoch
-    prefetch            batches built ahead on a background thread (0 = build on demand)
+`data_config`: see `embedder.data.data_config` for every option and its default.
 
 The batches do not depend on the process count. Each dataset has ONE global order (a seeded
 permutation of all its records per epoch) and `MixtureSchedule` decides, from (seed, step)
@@ -56,13 +28,15 @@ import threading
 import weakref
 
 import grain
-import ml_collections
 import numpy as np
 
 from embedder.data.builders import prepare_dataset
+# Re-exported: the config helpers lived here before data_config.py.
+from embedder.data.data_config import (  # noqa: F401
+    dataset_entries, default_buckets, default_data_config, length_buckets)
 from embedder.data.global_lengths import GlobalLengths
 from embedder.data.mixture import MixtureSchedule
-from embedder.data.prompts import DEFAULT_TASK, Prompts
+from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import pad_batch
 from embedder.data.text_identity import text_ids
 
@@ -76,58 +50,6 @@ _LIVE_ITERATORS: "weakref.WeakSet[TrainIterator]" = weakref.WeakSet()
 def _stop_all_workers():
     for it in list(_LIVE_ITERATORS):
         it.close()
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The shipped Debian pairs, retrieval prompts, no hard negatives, strict validation."""
-    c = ml_collections.ConfigDict()
-    c.datasets = [{"name": "debian", "builder": "debian", "task": DEFAULT_TASK, "weight": 1.0}]
-    c.mode = "homogeneous"
-    c.query_max_length = 64
-    c.document_max_length = 256
-    c.query_length_buckets = ()
-    c.document_length_buckets = ()
-    c.num_negatives = 0
-    c.on_bad_record = "strict"
-    c.max_text_chars = 100_000
-    c.data_dir = ""
-    c.shuffle = True
-    c.prefetch = 2
-    return c
-
-
-def default_buckets(max_length: int) -> tuple[int, ...]:
-    buckets, b = [], max(8, max_length // 8)
-    while b < max_length:
-        buckets.append(b)
-        b *= 2
-    return tuple(buckets) + (max_length,)
-
-
-def _buckets(given, max_length: int, name: str) -> tuple[int, ...]:
-    if not given:
-        return default_buckets(max_length)
-    buckets = tuple(sorted(int(b) for b in given))
-    if buckets[0] <= 0 or buckets[-1] != max_length:
-        raise ValueError(f"data_config.{name}={list(given)}: buckets must be positive and the largest "
-                         f"must equal the max length {max_length} (add {max_length})")
-    return buckets
-
-
-def _entries(data_config) -> list[dict]:
-    entries = [dict(e) for e in (data_config.datasets or [])]
-    if not entries:
-        raise ValueError("data_config.datasets is empty; add at least one {name, files|builder, task, weight}")
-    names = [e.get("name") for e in entries]
-    for i, e in enumerate(entries):
-        if not e.get("name"):
-            raise ValueError(f"data_config.datasets[{i}] has no 'name'; give every dataset a unique name")
-        e.setdefault("weight", 1.0)
-        e.setdefault("task", DEFAULT_TASK)
-    dupes = [n for n, c in collections.Counter(names).items() if c > 1]
-    if dupes:
-        raise ValueError(f"data_config.datasets names must be unique; repeated: {dupes}")
-    return entries
 
 
 def _derive_seed(*parts) -> int:
@@ -173,10 +95,10 @@ class TrainIterator:
             raise ValueError(f"data_config.num_negatives={self.num_negatives} must be >= 0")
         self.query_max_length = int(data_config.query_max_length)
         self.document_max_length = int(data_config.document_max_length)
-        self.query_buckets = _buckets(data_config.query_length_buckets, self.query_max_length,
-                                      "query_length_buckets")
-        self.document_buckets = _buckets(data_config.document_length_buckets, self.document_max_length,
-                                         "document_length_buckets")
+        self.query_buckets = length_buckets(data_config.query_length_buckets, self.query_max_length,
+                                            "query_length_buckets")
+        self.document_buckets = length_buckets(data_config.document_length_buckets,
+                                               self.document_max_length, "document_length_buckets")
         self.schedule = MixtureSchedule([float(e["weight"]) for e in entries], self.seed, self.mode,
                                         self.global_batch_size)
         self._sources = [grain.MapDataset.source(ds.source) for ds in datasets]
@@ -386,7 +308,7 @@ class TrainIterator:
 
 def prepare_datasets(data_config, *, verbose=True):
     """Validates and prepares every dataset of `data_config` (strict errors surface here)."""
-    entries = _entries(data_config)
+    entries = dataset_entries(data_config)
     prepared = []
     for e in entries:
         ds = prepare_dataset(e, data_dir=data_config.data_dir or None, on_bad_record=data_config.on_bad_record,

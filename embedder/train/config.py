@@ -73,7 +73,7 @@ def base_config() -> ConfigDict:
         "frozen": (),               # regexes of parameter paths to keep fixed
     })
 
-    from embedder.data.pipeline import default_data_config
+    from embedder.data.data_config import default_data_config
 
     c.data = default_data_config()
 
