@@ -4,7 +4,8 @@ Experiment files (`experiments/NAME.py`) start from `base_config()` and change
 what they need; `python -m embedder.train --config experiments/NAME.py:ARG`
 loads them (big_vision style) and any field can then be overridden with
 `--config.a.b=value`. Fields that do not exist are rejected, because the
-config is locked.
+config is locked. `check_config` rejects settings that cannot run (`ConfigError`,
+naming the field and the fix) before any data is prepared or compiled.
 """
 
 from __future__ import annotations
@@ -94,6 +95,32 @@ def base_config() -> ConfigDict:
         "export_params": True,      # write DIR/export (param-only) at the end
     })
     return c
+
+
+class ConfigError(ValueError):
+    """A train config that cannot run; the message names the field and the fix."""
+
+
+def check_config(config) -> None:
+    """Rejects loop settings that cannot work, before any data is prepared or compiled."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    total = int(config.total_steps)
+    need(total >= 1, f"config.total_steps={total} must be >= 1")
+    need(int(config.batch_size) >= 1, f"config.batch_size={config.batch_size} must be >= 1")
+    need(int(config.log_every) >= 1, f"config.log_every={config.log_every} must be >= 1 (1 logs every step)")
+    need(int(config.checkpoint.every_steps) >= 1,
+         f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1 "
+         f"(a value >= total_steps saves only at the end)")
+    need(int(config.eval.every_steps) >= 0,
+         f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: evaluate only at the end)")
+    warmup = int(config.optimizer.warmup_steps)
+    # An error rather than a silent clamp: a clamped warmup changes the schedule of every step.
+    need(0 <= warmup <= total,
+         f"config.optimizer.warmup_steps={warmup} is outside [0, total_steps={total}]; "
+         f"set --config.optimizer.warmup_steps={min(max(warmup, 0), total)} or raise --config.total_steps")
 
 
 def model_spec(config) -> dict:

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from embedder import sharding
-from embedder.train.config import config_to_json, model_spec
+# ConfigError and check_config are re-exported (they lived here before config.py).
+from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
 from embedder.train.preemption import Preemption
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
@@ -31,38 +32,12 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the loss becomes NaN or infinite; the last good checkpoint is kept."""
 
 
-class ConfigError(ValueError):
-    """A train config that cannot run; the message names the field and the fix."""
-
-
 # Test hook: SIGKILL this process right after the async save of this step has started, so
 # tests can kill a run in the middle of a save deterministically. Unset in real runs.
 _KILL_DURING_SAVE_ENV = "EMBEDDER_TEST_SIGKILL_DURING_SAVE"
 # Scalars that must stay finite: a NaN gradient norm means the update already poisoned the
 # parameters even when this step's loss (computed before the update) was finite.
 _MUST_BE_FINITE = ("loss", "grad_norm")
-
-
-def check_config(config) -> None:
-    """Rejects loop settings that cannot work, before any data is prepared or compiled."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    total = int(config.total_steps)
-    need(total >= 1, f"config.total_steps={total} must be >= 1")
-    need(int(config.batch_size) >= 1, f"config.batch_size={config.batch_size} must be >= 1")
-    need(int(config.log_every) >= 1, f"config.log_every={config.log_every} must be >= 1 (1 logs every step)")
-    need(int(config.checkpoint.every_steps) >= 1,
-         f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1 "
-         f"(a value >= total_steps saves only at the end)")
-    need(int(config.eval.every_steps) >= 0,
-         f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: evaluate only at the end)")
-    warmup = int(config.optimizer.warmup_steps)
-    # An error rather than a silent clamp: a clamped warmup changes the schedule of every step.
-    need(0 <= warmup <= total,
-         f"config.optimizer.warmup_steps={warmup} is outside [0, total_steps={total}]; "
-         f"set --config.optimizer.warmup_steps={min(max(warmup, 0), total)} or raise --config.total_steps")
 
 
 def _setup_logging() -> None:
