@@ -142,6 +142,13 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in data_axes(mesh))
 
 
+def host_row_multiple(mesh: Mesh) -> int:
+    """What each host's batch row count must be a multiple of for `host_to_global` to split the
+    global rows evenly over the data-parallel devices (e.g. the row count of packed batches)."""
+    dp = data_parallel_size(mesh)
+    return dp // math.gcd(dp, jax.process_count())
+
+
 def batch_spec(mesh: Mesh, ndim: int = 1) -> P:
     axes = data_axes(mesh)
     lead = axes if len(axes) > 1 else (axes[0] if axes else None)

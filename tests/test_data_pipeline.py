@@ -294,3 +294,43 @@ def test_config_errors(files, tok):
     with pytest.raises(ValueError, match="names must be unique"):
         _it(files, tok, datasets=[{"name": "x", "files": ["a"]}, {"name": "x", "files": ["b"]}])
     assert default_buckets(256) == (32, 64, 128, 256) and default_buckets(64) == (8, 16, 32, 64)
+    with pytest.raises(ValueError, match="packing is not supported with 2 processes"):
+        _it(files, tok, batch=8, pc=2, packing=True)
+
+
+def _sequences(batch):
+    """The token list of every sequence of a padded batch, numbered as `pack_batch` numbers them:
+    queries 0..B-1, positives B..2B-1, negatives 2B + b*K + k."""
+    groups = [(batch["query_ids"], batch["query_mask"]), (batch["positive_ids"], batch["positive_mask"])]
+    if "negative_ids" in batch:
+        groups.append((batch["negative_ids"].reshape(-1, batch["negative_ids"].shape[-1]),
+                       batch["negative_mask"].reshape(-1, batch["negative_mask"].shape[-1])))
+    return [ids[m.astype(bool)].tolist() for all_ids, all_mask in groups for ids, m in zip(all_ids, all_mask)]
+
+
+@pytest.mark.parametrize("mode, negatives", [("mixed", 3), ("homogeneous", 0)])
+def test_packed_batches_hold_the_padded_batches_sequences(files, tok, mode, negatives):
+    padded = _it(files, tok, batch=8, seed=5, mode=mode, num_negatives=negatives)
+    packed = _it(files, tok, batch=8, seed=5, mode=mode, num_negatives=negatives, packing=True, prefetch=2)
+    for step in range(8):   # more than an epoch of dataset b
+        want, got = next(padded), next(packed)
+        assert not any(k in got for k in ("query_ids", "positive_mask", "negative_ids")), sorted(got)
+        rows, length = got["packed_ids"].shape
+        assert length == 48 and rows % 8 == 0 and rows >= 1, (step, got["packed_ids"].shape)
+        seq_ids, pos = got["packed_sequence_ids"], got["packed_positions"]
+        assert seq_ids.shape == pos.shape == (rows, length)
+        expected = _sequences(want)
+        assert seq_ids.max() < len(expected)
+        for i, tokens in enumerate(expected):
+            where = seq_ids == i
+            # One contiguous run in one row, positions 0..n-1, the padded batch's tokens in order.
+            assert got["packed_ids"][where].tolist() == tokens, (step, i)
+            assert pos[where].tolist() == list(range(len(tokens))), (step, i)
+            assert len(set(np.nonzero(where)[0])) == (1 if tokens else 0), (step, i)
+        assert (got["packed_ids"][seq_ids < 0] == tok.pad_id).all()
+        for key in set(want) - {"query_ids", "query_mask", "positive_ids", "positive_mask",
+                                "negative_ids", "negative_mask"}:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert got["negatives_valid"].shape == (8, negatives)
+    assert packed.get_state() == padded.get_state()
+    packed.close()

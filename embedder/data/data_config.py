@@ -29,6 +29,13 @@
                         ~/tensorflow_datasets); the train loop may point it into the workdir
     shuffle             visit each dataset in a seeded random order, reshuffled every epoch
     prefetch            batches built ahead on a background thread (0 = build on demand)
+    packing             emit packed batches (`embedder.data.packing.pack_batch`): each padded batch's
+                        queries, positives and negatives packed into rows of document_max_length
+                        tokens (query_max_length if longer; ARCHITECTURE.md "Batches"), so the
+                        encoder spends little on padding.
+                        The row count varies between batches (rounded up by `packed_rows`, at most
+                        1/16 over), so the step compiles for a few more shapes. Not with
+                        grad_cache_chunks > 1, nor (yet) with several processes
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     c.shuffle = True
     c.prefetch = 2
+    c.packing = False
     return c
 
 

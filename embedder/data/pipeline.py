@@ -2,7 +2,7 @@
 
 `make_train_iterator(data_config, tokenizer=..., prompts=..., global_batch_size=..., seed=...)`
 returns a `TrainIterator` whose batches follow ARCHITECTURE.md "Batches" (numpy, this host's
-rows) and whose `get_state()`/`set_state()` make a resumed run see exactly the same batches.
+rows; packed with `data_config.packing`) and whose `get_state()`/`set_state()` make a resumed run see exactly the same batches.
 
 `data_config`: see `embedder.data.data_config` for every option and its default.
 
@@ -36,6 +36,7 @@ from embedder.data.data_config import (  # noqa: F401
     dataset_entries, default_buckets, default_data_config, length_buckets)
 from embedder.data.global_lengths import GlobalLengths
 from embedder.data.mixture import MixtureSchedule
+from embedder.data.packing import pack_batch
 from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import pad_batch
 from embedder.data.text_identity import text_ids
@@ -77,10 +78,16 @@ class TrainIterator:
     """Host-local batches of a task mixture; exact save/restore via `get_state`/`set_state`."""
 
     def __init__(self, datasets, entries, data_config, *, tokenizer, prompts, global_batch_size, seed,
-                 process_index=0, process_count=1):
+                 process_index=0, process_count=1, row_multiple=8):
         if global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count="
                              f"{process_count}; pick a multiple of {process_count}")
+        self.packing = bool(data_config.get("packing", False))
+        if self.packing and process_count > 1:
+            # Each host packs its own rows into its own row count; the hosts' arrays must agree.
+            raise ValueError(f"data_config.packing is not supported with {process_count} processes yet "
+                             "(the hosts' packed row counts differ); set data.packing=false")
+        self.row_multiple = int(row_multiple)
         self.tokenizer = tokenizer
         self.prompts = prompts if isinstance(prompts, Prompts) else Prompts.from_spec(prompts)
         self.entries = entries
@@ -99,6 +106,8 @@ class TrainIterator:
                                             "query_length_buckets")
         self.document_buckets = length_buckets(data_config.document_length_buckets,
                                                self.document_max_length, "document_length_buckets")
+        # Packed rows hold a whole document; a query longer than that would not fit.
+        self.row_length = max(self.query_max_length, self.document_max_length)
         self.schedule = MixtureSchedule([float(e["weight"]) for e in entries], self.seed, self.mode,
                                         self.global_batch_size)
         self._sources = [grain.MapDataset.source(ds.source) for ds in datasets]
@@ -241,7 +250,11 @@ class TrainIterator:
         rows, consumed = self.global_rows(step, consumed)
         lo = self.process_index * self.host_batch_size
         hi = lo + self.host_batch_size
-        return self.build_batch(rows[lo:hi], rows[:lo] + rows[hi:]), consumed
+        batch = self.build_batch(rows[lo:hi], rows[:lo] + rows[hi:])
+        if self.packing:
+            batch = pack_batch(batch, self.tokenizer.pad_id, row_length=self.row_length,
+                               row_multiple=self.row_multiple)
+        return batch, consumed
 
     # ---- iteration with an optional prefetch thread -----------------------------------------
     def __iter__(self):
@@ -322,8 +335,11 @@ def prepare_datasets(data_config, *, verbose=True):
 
 
 def make_train_iterator(data_config, *, tokenizer, prompts, global_batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
-    """Prepares the datasets (validation happens here) and returns this host's batch iterator."""
+                        process_index: int = 0, process_count: int = 1, row_multiple: int = 8) -> TrainIterator:
+    """Prepares the datasets (validation happens here) and returns this host's batch iterator.
+
+    `row_multiple`: with `data_config.packing`, the packed row count is a multiple of it, so the
+    rows split evenly over the data-parallel devices (`sharding.host_row_multiple(mesh)`)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     if data_config.on_bad_record not in ("strict", "skip"):
@@ -331,4 +347,4 @@ def make_train_iterator(data_config, *, tokenizer, prompts, global_batch_size: i
     entries, prepared = prepare_datasets(data_config)
     return TrainIterator(prepared, entries, data_config, tokenizer=tokenizer, prompts=prompts,
                          global_batch_size=global_batch_size, seed=seed, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, row_multiple=row_multiple)

@@ -135,10 +135,11 @@ def embedding_param_count(model_cfg) -> int:
 
 
 def sequences_per_step(batch_shapes: dict) -> list[tuple[int, int]]:
-    """(number of sequences, padded length) for each tower input of one global batch."""
+    """(number of sequences, padded length) for each tower input of one global batch; packed rows
+    count as sequences of the row length (the encoder computes whole rows, attention masked)."""
     out = []
     for name, s in batch_shapes.items():
-        if name.endswith("_ids") and len(s.shape) >= 2:
+        if name in ("query_ids", "positive_ids", "negative_ids", "packed_ids"):
             rows = math.prod(s.shape[:-1])
             out.append((rows, s.shape[-1]))
     return out
@@ -178,9 +179,12 @@ def _shape_dtype_tree(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def global_batch_shapes(config) -> dict:
-    """The global batch (ARCHITECTURE.md "Batches") at the longest padded lengths the data config allows."""
+def global_batch_shapes(config, row_multiple: int = 8) -> dict:
+    """The global batch (ARCHITECTURE.md "Batches") at the longest padded lengths the data config allows;
+    with `data.packing`, packed: the rows (a multiple of `row_multiple`) that max-length texts fill."""
     import jax.numpy as jnp
+
+    from embedder.train.batches import packed_batch_shapes
 
     d = config.data
     b, lq, ld, k = config.batch_size, d.query_max_length, d.document_max_length, d.num_negatives
@@ -195,6 +199,8 @@ def global_batch_shapes(config) -> dict:
             "negative_ids": ((b, k, ld), jnp.int32), "negative_mask": ((b, k, ld), jnp.int32),
             "negatives_valid": ((b, k), jnp.bool_), "negative_hash": ((b, k, 2), jnp.uint32),
         })
+    if d.get("packing", False):
+        shapes = packed_batch_shapes(shapes, query_length=lq, document_length=ld, row_multiple=row_multiple)
     return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
@@ -256,6 +262,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
     from embedder.model import EmbeddingModel
     from embedder.model.config import ModelConfig
+    from embedder.train.config import check_packing
     from embedder.train.optim import make_optimizer
     from embedder.train.state import state_shardings_for
     from embedder.train.step import jit_train_step, make_train_step
@@ -266,7 +273,8 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     model = EmbeddingModel(model_cfg)
     optimizer = make_optimizer(config.optimizer, config.total_steps)
-    global_shapes = global_batch_shapes(config)
+    check_packing(config)
+    global_shapes = global_batch_shapes(config, sharding.data_parallel_size(mesh))
     # Outside set_mesh: tracing init makes a concrete PRNG key, which cannot live on AOT-only devices.
     abstract_state, state_shardings = state_shardings_for(model, optimizer, mesh, rules, global_shapes)
     params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
@@ -356,6 +364,8 @@ def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Orbax logs every read/write step at INFO through absl; keep its warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from embedder.train.config import ConfigError
+
     try:
         if topology:
             topo = parse_topology(topology, num_slices)
@@ -369,7 +379,7 @@ def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
                 raise CompileOnlyError("--num_slices needs --topology")
             report = compile_train_step(config)
             peak = None
-    except (CompileOnlyError, sharding.ShardingError) as e:
+    except (CompileOnlyError, ConfigError, sharding.ShardingError) as e:
         print(f"compile_only: {e}")
         return 2
     print(format_report(report, peak))

@@ -22,6 +22,7 @@ import numpy as np
 from embedder import sharding
 # ConfigError and check_config are re-exported (they lived here before config.py).
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
+from embedder.train.batches import token_counts
 from embedder.train.preemption import Preemption
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
@@ -137,7 +138,8 @@ class Trainer:
         self.data = make_train_iterator(
             config.data, tokenizer=self.tokenizer, prompts=self.prompts,
             global_batch_size=config.batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            row_multiple=sharding.host_row_multiple(self.mesh))
         self.ckpt = TrainCheckpointer(
             self.workdir, max_to_keep=config.checkpoint.max_to_keep,
             keep_best_metric=config.eval.best_metric or None,
@@ -276,7 +278,7 @@ class Trainer:
         pending: list[tuple[int, dict, int | None]] = []
         names = list(self.data.dataset_names)
         last_good_step = start
-        window = {"time": time.time(), "rows": 0, "compile": self.compile_seconds}
+        window = {"time": time.time(), "rows": 0, "tokens": 0, "slots": 0, "compile": self.compile_seconds}
         step = start
         self._saved_step = start
 
@@ -303,12 +305,16 @@ class Trainer:
             row = {f"train/{k}": float(np.asarray(v)) for k, v in last_m.items() if np.ndim(v) == 0}
             row.update(_window_losses(fetched, [d for _, _, d in pending], names))
             row["train/examples_per_sec"] = window["rows"] / elapsed
+            # Real (non-padding) tokens, from this host's rows times the host count; padding_fraction
+            # (of the token slots the encoder computes) shows what data.packing saves.
+            row["train/tokens_per_sec"] = window["tokens"] * jax.process_count() / elapsed
+            row["train/padding_fraction"] = 1.0 - window["tokens"] / max(window["slots"], 1)
             for reason, count in self.data.skip_counts.items():
                 row[f"data/skipped/{reason}"] = count
             writer.write(last_s, row)
             bar.set_postfix(loss=f"{row['train/loss_mean']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
             pending.clear()
-            window.update(time=time.time(), rows=0, compile=self.compile_seconds)
+            window.update(time=time.time(), rows=0, tokens=0, slots=0, compile=self.compile_seconds)
             last_good_step = last_s
             return row
 
@@ -320,6 +326,9 @@ class Trainer:
             self.state, metrics = compiled(self.state, batch, rng)
             step += 1
             window["rows"] += cfg.batch_size
+            real, slots = token_counts(host_batch)
+            window["tokens"] += real
+            window["slots"] += slots
             ds = host_batch["dataset"]
             pending.append((step, metrics, int(ds[0]) if len(ds) and np.all(ds == ds[0]) else None))
             bar.update(1)
