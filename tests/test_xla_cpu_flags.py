@@ -1,4 +1,5 @@
-"""`import embedder` turns XLA:CPU's YNNPACK fusions off unless the user chose otherwise."""
+"""`import embedder` turns XLA:CPU's YNNPACK fusions off unless the user chose otherwise; `import
+embedder.model` lowers Threefry unrolled on CPU (same bits, fused dropout masks)."""
 
 import os
 import subprocess
@@ -39,3 +40,29 @@ def test_import_embedder_sets_the_flag_before_jax_compiles(opt_out, want):
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == want
+
+
+RANDOM_PROBE = """
+import hashlib, jax, jax.numpy as jnp, numpy as np
+import embedder.model  # registers the unrolled Threefry lowering unless opted out
+f = jax.jit(lambda k: jax.random.bits(k, (3, 1000), jnp.uint32))
+loops = f.lower(jax.random.key(7)).compile().as_text().count(" while(")
+print(hashlib.sha256(np.asarray(f(jax.random.key(7))).tobytes()).hexdigest()[:16], loops)
+"""
+
+
+def test_unrolled_threefry_gives_the_same_bits_without_a_loop():
+    """`import embedder.model` swaps JAX's rolled CPU Threefry loop for its unrolled lowering:
+    the same bits (as JAX's own rolled lowering, under the opt-out), and no while loop left."""
+    outs = {}
+    for opt_out in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu_flags.OPT_OUT_ENV)}
+        env["JAX_PLATFORMS"] = "cpu"
+        if opt_out is not None:
+            env[xla_cpu_flags.OPT_OUT_ENV] = opt_out
+        out = subprocess.run([sys.executable, "-c", RANDOM_PROBE], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs[opt_out] = out.stdout.split()[-2:]
+    assert outs[None][0] == outs["0"][0]          # identical bits
+    assert outs[None][1] == "0" and int(outs["0"][1]) >= 1  # unrolled vs JAX's rolled CPU loop
