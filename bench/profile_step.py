@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_step.py --length 64 --dtype float32 [--top 30] [--trace-dir DIR]
     .venv/bin/python bench/profile_step.py --forward --length 128      # one encode forward instead
+    .venv/bin/python bench/profile_step.py --packing --length 64       # the step on packed rows
 
 Builds the same step as `train_step.py` (all-MiniLM-L6-v2, 64 triples, MRL + one hard
 negative), runs two warm-up steps, traces one, and prints the thread time of each
@@ -109,13 +110,15 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace-dir", default="", help="keep the trace here (TensorBoard / Perfetto)")
     p.add_argument("--forward", action="store_true", help="trace one encode forward instead of a train step")
+    p.add_argument("--packing", action="store_true", help="the train step on packed rows (data.packing)")
     args = p.parse_args(argv)
     import jax
 
     if args.forward:
         step = Forward(args.dtype, args.length, args.batch)
     else:
-        step = train_step.Ours(args.dtype, args.length, train_step.triples(args.batch), args.batch)
+        step = train_step.Ours(args.dtype, args.length, train_step.triples(args.batch), args.batch,
+                               packing=args.packing)
     step(), step()
     trace_dir = pathlib.Path(args.trace_dir or tempfile.mkdtemp(prefix="embedder-profile-"))
     with jax.profiler.trace(str(trace_dir)):

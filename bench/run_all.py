@@ -61,7 +61,8 @@ def table(res: dict) -> str:
         for r in tr["configs"].values():
             peak = peak16 if r["dtype"] == "bfloat16" else peak32
             for who, s in r["seconds"].items():
-                ratio = _fmt(r["ratio_vs_st"]) if who == "ours" else "1"
+                key = "ratio_vs_st" if who == "ours" else f"ratio_{who}_vs_st"
+                ratio = _fmt(r[key]) if key in r else "1"
                 lines.append(f"| {r['seq']} | {r['dtype']} | {who} | {_fmt(s)} | {r['real_tokens'] / s['median']:.0f} | "
                              f"{r['padded_tokens'][who] / s['median']:.0f} | {ratio} | {r['step_rss_peak_mib'][who]} | "
                              f"{r['model_flops_real'] / s['median'] / peak:.0%} |")

