@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from embedder.data.mixture import MixtureSchedule
+from embedder.data.packing import assign_rows, packed_rows
 from embedder.data.pipeline import default_buckets, default_data_config, make_train_iterator
 from embedder.data.prompts import Prompts
 from embedder.data.text_identity import text_ids
@@ -294,8 +295,6 @@ def test_config_errors(files, tok):
     with pytest.raises(ValueError, match="names must be unique"):
         _it(files, tok, datasets=[{"name": "x", "files": ["a"]}, {"name": "x", "files": ["b"]}])
     assert default_buckets(256) == (32, 64, 128, 256) and default_buckets(64) == (8, 16, 32, 64)
-    with pytest.raises(ValueError, match="packing is not supported with 2 processes"):
-        _it(files, tok, batch=8, pc=2, packing=True)
 
 
 def _sequences(batch):
@@ -334,3 +333,39 @@ def test_packed_batches_hold_the_padded_batches_sequences(files, tok, mode, nega
         assert got["negatives_valid"].shape == (8, negatives)
     assert packed.get_state() == padded.get_state()
     packed.close()
+
+
+@pytest.mark.parametrize("negatives, row_multiple", [(3, 1), (0, 8)])
+def test_two_hosts_pack_into_one_row_count_with_global_sequence_ids(files, tok, negatives, row_multiple):
+    """Each host packs its own slice, into `packed_rows` of the most rows either slice needs, and
+    numbers its sequences as the global batch does: together they hold the 1-process batch."""
+    kw = dict(batch=8, seed=5, mode="mixed", num_negatives=negatives)
+    whole = _it(files, tok, **kw)
+    padded = [_it(files, tok, pi=p, pc=2, **kw) for p in (0, 1)]
+    packed = [make_train_iterator(_config(files, mode="mixed", num_negatives=negatives, packing=True),
+                                  tokenizer=tok, prompts=Prompts(), global_batch_size=8, seed=5,
+                                  process_index=p, process_count=2, row_multiple=row_multiple) for p in (0, 1)]
+    n, k, needs = 4, negatives, set()
+    for step in range(8):   # more than an epoch of dataset b
+        expected = dict(enumerate(_sequences(next(whole))))
+        hosts, got = [next(it) for it in padded], [next(it) for it in packed]
+        needed = []
+        for p, (want, g) in enumerate(zip(hosts, got)):
+            mine = _sequences(want)
+            row, _ = assign_rows([len(s) for s in mine], 48)
+            needed.append(int(row.max()) + 1)
+            # Host p's local sequence i -> its global id (queries, positives, negatives b*K+k).
+            ids = [p * n + i for i in range(n)] + [8 + p * n + i for i in range(n)] + \
+                  [16 + p * n * k + j for j in range(n * k)]
+            seq_ids = g["packed_sequence_ids"]
+            assert sorted(np.unique(seq_ids[seq_ids >= 0]).tolist()) == ids, (step, p)
+            for i, tokens in zip(ids, mine):
+                assert g["packed_ids"][seq_ids == i].tolist() == tokens == expected[i], (step, p, i)
+            for key in set(want) - {"query_ids", "query_mask", "positive_ids", "positive_mask",
+                                    "negative_ids", "negative_mask"}:
+                np.testing.assert_array_equal(g[key], want[key], err_msg=key)
+        needs.add(needed[0] != needed[1])
+        shape = (packed_rows(max(needed), row_multiple), 48)
+        assert got[0]["packed_ids"].shape == got[1]["packed_ids"].shape == shape, (step, needed)
+        assert got[0]["packed_positions"].shape == got[1]["packed_sequence_ids"].shape == shape
+    assert True in needs   # some step's hosts needed different row counts

@@ -34,8 +34,9 @@
                         tokens (query_max_length if longer; ARCHITECTURE.md "Batches"), so the
                         encoder spends little on padding.
                         The row count varies between batches (rounded up by `packed_rows`, at most
-                        1/16 over), so the step compiles for a few more shapes. Not with
-                        grad_cache_chunks > 1, nor (yet) with several processes
+                        1/16 over; with several processes every host takes the row count
+                        of the fullest host's slice), so the step compiles for a few more shapes. Not with
+                        grad_cache_chunks > 1
 """
 from __future__ import annotations
 

@@ -9,10 +9,16 @@ only where a later epoch picks other hard negatives of it), so a host reads at m
 records it was not itself given in the first epoch, however long the run; and not at all
 once the rows known so far already reach the largest bucket. Exact: the lengths come from
 the same tokeniser calls as the batch's.
+
+With `data.packing` the same lengths give every host the same packed row count:
+`sequence_lengths` lists each sequence of any host's slice (learning every unknown length;
+no bucket shortcut there), and `packed_rows` is the rows the fullest slice needs.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from embedder.data.packing import assign_rows, packed_rows
 
 
 def _saturated(buckets, longest: int) -> bool:
@@ -117,3 +123,33 @@ class GlobalLengths:
                 q, doc = self._row_lengths(d, pos, it.record_index(d, pos))
                 q_longest, d_longest = max(q_longest, q), max(d_longest, doc)
         return q_longest, d_longest
+
+    def sequence_lengths(self, rows) -> np.ndarray:
+        """Token length of each sequence of the host slice `rows` [(dataset, position)], in the
+        order `pack_batch` numbers them: queries, positives, then negatives b*K+k (an empty slot
+        is the prompt-only sequence the batch puts there). Learns every unknown length first."""
+        it, k = self.it, self.k
+        unknown = [(d, pos) for d, pos in rows if self._row_lengths(d, pos, it.record_index(d, pos)) is None]
+        if unknown:
+            self._learn(unknown)
+        n = len(rows)
+        out = np.full(n * (2 + k), self.empty, np.int64)
+        for i, (d, pos) in enumerate(rows):
+            idx = it.record_index(d, pos)
+            out[i], out[n + i] = self.query[d][idx], self.positive[d][idx]
+            if k:
+                slots = self.negatives[d][idx]
+                picks = it.negative_picks(len(slots), d, pos)
+                out[2 * n + i * k:2 * n + i * k + len(picks)] = slots[picks]
+        return out
+
+    def packed_rows(self, slices, row_length: int, row_multiple: int) -> int:
+        """The packed row count of every host's batch: `packed_rows` of the most rows any of the
+        host `slices` (each a list of rows) needs, packed best-fit decreasing like `pack_batch`."""
+        needed = 0
+        for rows in slices:
+            lengths = self.sequence_lengths(rows)
+            row, _ = assign_rows(lengths, row_length)
+            if (lengths > 0).any():
+                needed = max(needed, int(row[lengths > 0].max()) + 1)
+        return packed_rows(needed, row_multiple)

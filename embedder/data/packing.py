@@ -106,14 +106,15 @@ def pack_sequences(seqs: Sequence[Sequence[int]], row_length: int, pad_id: int, 
 
 
 def pack_batch(batch: dict[str, np.ndarray], pad_id: int, *, row_length: int | None = None,
-               row_multiple: int = 8) -> dict[str, np.ndarray]:
+               rows: int | None = None, row_multiple: int = 8) -> dict[str, np.ndarray]:
     """A padded training batch (`query_*`, `positive_*` `[B, L]`, `negative_*` `[B, K, L]`, see
     ARCHITECTURE.md) as a packed one: `packed_ids`, `packed_sequence_ids`, `packed_positions`
     `[R, row_length]` numbering queries `0..B-1`, positives `B..2B-1`, negatives
     `2B + b*K + k` (the order `embedder.train.step.embed_batch` splits them in). Every other
     entry is kept; `negatives_valid` (`[B, K]`, K may be 0) is added when missing, since it
     carries B and K. A sequence is the tokens its mask marks; `row_length` defaults to the
-    longest padded length."""
+    longest padded length; `rows` (the row count, e.g. one shared by several hosts) and
+    `row_multiple` are `pack_sequences`'s."""
     b = batch["query_ids"].shape[0]
     groups = [(batch["query_ids"], batch["query_mask"]), (batch["positive_ids"], batch["positive_mask"])]
     k = 0
@@ -124,7 +125,7 @@ def pack_batch(batch: dict[str, np.ndarray], pad_id: int, *, row_length: int | N
     seqs = [row[m.astype(bool)].tolist() for ids, mask in groups for row, m in zip(ids, mask)]
     if row_length is None:
         row_length = max(ids.shape[-1] for ids, _ in groups)
-    packed = pack_sequences(seqs, row_length, pad_id, row_multiple=row_multiple)
+    packed = pack_sequences(seqs, row_length, pad_id, rows=rows, row_multiple=row_multiple)
     out = {key: v for key, v in batch.items()
            if not key.startswith(("query_ids", "query_mask", "positive_ids", "positive_mask",
                                   "negative_ids", "negative_mask"))}

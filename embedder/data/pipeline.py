@@ -13,7 +13,9 @@ position of its dataset's order. Host p of P takes rows [p*B/P, (p+1)*B/P) of ev
 batch and reads only those records (random access), so the hosts' slices, concatenated in
 process order, are exactly the global batch of a 1-process run (until a host has seen a record
 once, it may also read another host's record for its token lengths; see below). All hosts pad to the bucket of
-the global batch's longest row (`global_lengths.GlobalLengths`), so their arrays have one shape.
+the global batch's longest row (`global_lengths.GlobalLengths`), so their arrays have one shape;
+with `data.packing`, likewise, every host packs into the row count the fullest host slice needs,
+and numbers its packed sequences as the global batch does (`global_sequence_ids`).
 The iterator state is the step counter plus a fingerprint of the data setup (no process count:
 a run may resume on another host count); take `get_state()` when the batches of the completed
 steps have been consumed and no more. With a shared `data_dir`, prepare datasets once (one
@@ -74,6 +76,14 @@ def _fit_bucket(buckets, longest: int) -> int:
     return next(b for b in buckets if b >= max(longest, 1))
 
 
+def global_sequence_ids(ids: np.ndarray, n: int, lo: int, b: int, k: int) -> np.ndarray:
+    """Packed sequence ids of a host slice (`n` rows from row `lo` of a global batch of `b`, `k`
+    negatives each; numbered by `pack_batch`) renumbered as in the global batch: queries
+    `lo..lo+n-1`, positives `b+lo..`, negatives `2b + (lo+i)*k + j`; -1 (padding) stays."""
+    shift = np.where(ids < n, lo, np.where(ids < 2 * n, b - n + lo, 2 * (b - n) + lo * k))
+    return np.where(ids < 0, ids, ids + shift).astype(ids.dtype)
+
+
 class TrainIterator:
     """Host-local batches of a task mixture; exact save/restore via `get_state`/`set_state`."""
 
@@ -83,10 +93,6 @@ class TrainIterator:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count="
                              f"{process_count}; pick a multiple of {process_count}")
         self.packing = bool(data_config.get("packing", False))
-        if self.packing and process_count > 1:
-            # Each host packs its own rows into its own row count; the hosts' arrays must agree.
-            raise ValueError(f"data_config.packing is not supported with {process_count} processes yet "
-                             "(the hosts' packed row counts differ); set data.packing=false")
         self.row_multiple = int(row_multiple)
         self.tokenizer = tokenizer
         self.prompts = prompts if isinstance(prompts, Prompts) else Prompts.from_spec(prompts)
@@ -114,7 +120,7 @@ class TrainIterator:
         self._orders = [_record_order(len(ds.source), self.shuffle, _derive_seed(self.seed, i), ds.name)
                         for i, ds in enumerate(datasets)]
         self.dataset_sizes = [len(ds.source) for ds in datasets]
-        # Only needed when other hosts' rows decide this host's padded length.
+        # Only needed when other hosts' rows decide this host's padded length (or packed row count).
         self._lengths = GlobalLengths(self) if process_count > 1 else None
         self.skip_counts_by_dataset = {ds.name: dict(ds.skip_counts) for ds in datasets}
         total = collections.Counter()
@@ -252,9 +258,22 @@ class TrainIterator:
         hi = lo + self.host_batch_size
         batch = self.build_batch(rows[lo:hi], rows[:lo] + rows[hi:])
         if self.packing:
-            batch = pack_batch(batch, self.tokenizer.pad_id, row_length=self.row_length,
-                               row_multiple=self.row_multiple)
+            batch = self._pack(batch, rows, lo)
         return batch, consumed
+
+    def _pack(self, batch, rows, lo) -> dict:
+        """This host's padded batch packed into the row count every host uses (the most rows
+        any host's slice needs), its sequences numbered as in the global batch."""
+        n_rows = None
+        if self._lengths is not None:
+            n = self.host_batch_size
+            n_rows = self._lengths.packed_rows([rows[p:p + n] for p in range(0, len(rows), n)],
+                                               self.row_length, self.row_multiple)
+        packed = pack_batch(batch, self.tokenizer.pad_id, row_length=self.row_length, rows=n_rows,
+                            row_multiple=self.row_multiple)
+        packed["packed_sequence_ids"] = global_sequence_ids(
+            packed["packed_sequence_ids"], self.host_batch_size, lo, self.global_batch_size, self.num_negatives)
+        return packed
 
     # ---- iteration with an optional prefetch thread -----------------------------------------
     def __iter__(self):

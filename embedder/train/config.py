@@ -122,12 +122,6 @@ def check_config(config) -> None:
          f"config.optimizer.warmup_steps={warmup} is outside [0, total_steps={total}]; "
          f"set --config.optimizer.warmup_steps={min(max(warmup, 0), total)} or raise --config.total_steps")
     check_packing(config)
-    if config.data.get("packing", False):
-        import jax
-
-        need(jax.process_count() == 1,
-             f"config.data.packing=True is not supported with {jax.process_count()} processes yet (each "
-             "host would pack its rows into a different row count); set --config.data.packing=false")
 
 
 def check_packing(config) -> None:
