@@ -142,11 +142,12 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in data_axes(mesh))
 
 
-def host_row_multiple(mesh: Mesh) -> int:
+def host_row_multiple(mesh: Mesh, chunks: int = 1) -> int:
     """What each host's batch row count must be a multiple of for `host_to_global` to split the
-    global rows evenly over the data-parallel devices (e.g. the row count of packed batches)."""
-    dp = data_parallel_size(mesh)
-    return dp // math.gcd(dp, jax.process_count())
+    global rows evenly over the data-parallel devices (e.g. the row count of packed batches),
+    and, with `chunks` gradient-cache chunks, every chunk too."""
+    total = data_parallel_size(mesh) * max(1, int(chunks))
+    return total // math.gcd(total, jax.process_count())
 
 
 def batch_spec(mesh: Mesh, ndim: int = 1) -> P:

@@ -220,10 +220,25 @@ def test_packed_step_equals_padded_step():
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def test_gradient_cache_refuses_packed_batches():
+def test_gradient_cached_packed_step_equals_padded_step():
+    """The gradient cache over chunks of packed rows (each chunk embeds every sequence, zero
+    outside its rows; 2 chunks on 8 devices) gives the padded single-device full-batch step."""
     from embedder.data.packing import pack_batch
-    from embedder.train.step import make_grad_fn
+    from embedder.model import EmbeddingModel, get_model_config
 
-    grad_fn = make_grad_fn(StandInEncoder(), LOSS, grad_cache_chunks=2)
-    with pytest.raises(ValueError, match="data.packing=false"):
-        grad_fn({}, pack_batch(make_batch(0), pad_id=0), jax.random.key(1))
+    model = EmbeddingModel(get_model_config("tiny-bert"))
+    batch = make_batch(4)
+    packed = pack_batch(batch, pad_id=0, row_multiple=16)   # 2 chunks x 8 devices
+    loss = dict(LOSS, mask_duplicates=True)
+    p_pad, m_pad = _one_step(model, batch, mesh_of((1, 1, 1), jax.devices()[:1]), loss)
+    optimizer = make_optimizer(OPT, total_steps=10)
+    mesh = mesh_of((8, 1, 1))
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
+                                              sharding.DEFAULT_RULES, packed)
+        step = jit_train_step(make_train_step(model, loss, optimizer, grad_cache_chunks=2), shardings, mesh)
+        state, metrics = step(state, sharding.host_to_global(packed, mesh), jax.random.key(1))
+    for key in ("loss", "grad_norm", "update_norm"):
+        np.testing.assert_allclose(float(metrics[key]), m_pad[key], rtol=2e-5, err_msg=key)
+    for (path, a), b in zip(jax.tree.leaves_with_path(p_pad), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(b), a, atol=1e-6, rtol=1e-5, err_msg=jax.tree_util.keystr(path))

@@ -35,8 +35,8 @@
                         encoder spends little on padding.
                         The row count varies between batches (rounded up by `packed_rows`, at most
                         1/16 over; with several processes every host takes the row count
-                        of the fullest host's slice), so the step compiles for a few more shapes. Not with
-                        grad_cache_chunks > 1
+                        of the fullest host's slice), so the step compiles for a few more shapes.
+                        With grad_cache_chunks > 1 the chunks split the packed rows.
 """
 from __future__ import annotations
 

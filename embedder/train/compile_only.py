@@ -262,7 +262,6 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
     from embedder.model import EmbeddingModel
     from embedder.model.config import ModelConfig
-    from embedder.train.config import check_packing
     from embedder.train.optim import make_optimizer
     from embedder.train.state import state_shardings_for
     from embedder.train.step import jit_train_step, make_train_step
@@ -273,8 +272,8 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     model = EmbeddingModel(model_cfg)
     optimizer = make_optimizer(config.optimizer, config.total_steps)
-    check_packing(config)
-    global_shapes = global_batch_shapes(config, sharding.data_parallel_size(mesh))
+    chunks = max(1, int(config.grad_cache_chunks))  # packed rows split evenly into chunks too
+    global_shapes = global_batch_shapes(config, sharding.data_parallel_size(mesh) * chunks)
     # Outside set_mesh: tracing init makes a concrete PRNG key, which cannot live on AOT-only devices.
     abstract_state, state_shardings = state_shardings_for(model, optimizer, mesh, rules, global_shapes)
     params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))

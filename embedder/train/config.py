@@ -121,17 +121,6 @@ def check_config(config) -> None:
     need(0 <= warmup <= total,
          f"config.optimizer.warmup_steps={warmup} is outside [0, total_steps={total}]; "
          f"set --config.optimizer.warmup_steps={min(max(warmup, 0), total)} or raise --config.total_steps")
-    check_packing(config)
-
-
-def check_packing(config) -> None:
-    """`data.packing` needs the full-batch gradient: the gradient cache chunks padded rows."""
-    chunks = int(config.grad_cache_chunks)
-    if config.data.get("packing", False) and chunks > 1:
-        raise ConfigError(
-            f"config.data.packing=True cannot be combined with config.grad_cache_chunks={chunks}: the "
-            "gradient cache splits padded batches by rows and cannot chunk packed ones; set "
-            "--config.grad_cache_chunks=0 (and a batch_size that fits in memory) or --config.data.packing=false")
 
 
 def model_spec(config) -> dict:

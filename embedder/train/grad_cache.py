@@ -9,6 +9,11 @@ parameter gradients, accumulated over a `lax.scan`. Chunk `c` embeds with
 Chunks are strided, row `r` goes to chunk `r % chunks`: with the batch sharded
 in contiguous blocks over devices, every chunk then holds an equal share of
 every device's rows, so all devices work on every chunk and no rows move.
+
+Packed batches (`embedder.data.packing`) chunk their packed rows instead: each
+chunk's `embed_fn` returns the embeddings of every sequence of the batch, zero for
+the sequences whose rows are in other chunks (`combine="sum"`), so the full
+embeddings are the sum over chunks and every chunk pulls back the whole cotangent.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def cached_value_and_grad(
     batch: dict,
     rng: jax.Array,
     chunks: int,
+    combine: str = "rows",
 ):
     """`((loss, metrics), grads)` equal to `value_and_grad` of `loss_fn(embed_fn(params, batch, rng))`.
 
@@ -51,9 +57,13 @@ def cached_value_and_grad(
     rows independently (true for an encoder); `loss_fn(embeddings) -> (loss, metrics)`
     sees the merged full batch. Exact up to float rounding when `embed_fn` is
     deterministic; with dropout the masks are per chunk (`fold_in(rng, c)`).
+    `combine="sum"`: `embed_fn` returns full-batch embeddings that are zero outside the
+    chunk's sequences (packed rows), and the chunks' embeddings are summed.
     """
     if chunks < 1:
         raise ValueError(f"gradient cache needs chunks >= 1, got {chunks}")
+    if combine not in ("rows", "sum"):
+        raise ValueError(f"gradient cache: combine={combine!r}; use 'rows' or 'sum'")
     chunked = jax.tree.map(lambda x: split_chunks(x, chunks), batch)
     index = jnp.arange(chunks)
 
@@ -64,10 +74,23 @@ def cached_value_and_grad(
         c, chunk = xs
         return None, jax.lax.stop_gradient(embed_chunk(params, chunk, c))
 
-    _, embeddings = jax.lax.scan(forward, None, (index, chunked))
-    full = jax.tree.map(merge_chunks, embeddings)
+    if combine == "sum":  # accumulate instead of stacking [chunks, N, D]
+        first = jax.eval_shape(lambda: embed_chunk(params, jax.tree.map(lambda x: x[0], chunked), 0))
+
+        def forward_sum(acc, xs):
+            c, chunk = xs
+            return jax.tree.map(jnp.add, acc, jax.lax.stop_gradient(embed_chunk(params, chunk, c))), None
+
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
+        full, _ = jax.lax.scan(forward_sum, zero, (index, chunked))
+    else:
+        _, embeddings = jax.lax.scan(forward, None, (index, chunked))
+        full = jax.tree.map(merge_chunks, embeddings)
     (loss, metrics), emb_grads = jax.value_and_grad(loss_fn, has_aux=True)(full)
-    chunk_grads = jax.tree.map(lambda g: split_chunks(g, chunks), emb_grads)
+    if combine == "sum":  # every chunk pulls back the whole cotangent (zero where it has no rows)
+        chunk_grads = jax.tree.map(lambda g: jnp.broadcast_to(g, (chunks,) + g.shape), emb_grads)
+    else:
+        chunk_grads = jax.tree.map(lambda g: split_chunks(g, chunks), emb_grads)
 
     # Accumulate in float32 whatever the parameter dtype, so many chunks do not lose bits.
     acc_dtype = lambda p: jnp.promote_types(p.dtype, jnp.float32)

@@ -139,7 +139,7 @@ class Trainer:
             config.data, tokenizer=self.tokenizer, prompts=self.prompts,
             global_batch_size=config.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            row_multiple=sharding.host_row_multiple(self.mesh))
+            row_multiple=sharding.host_row_multiple(self.mesh, config.grad_cache_chunks))
         self.ckpt = TrainCheckpointer(
             self.workdir, max_to_keep=config.checkpoint.max_to_keep,
             keep_best_metric=config.eval.best_metric or None,

@@ -44,7 +44,8 @@ def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
 
     A packed batch (`packed_ids`, `packed_sequence_ids`, `packed_positions`, all `[R, L]`,
     and `negatives_valid` `[B, K]`) numbers its sequences queries `0..B-1`, positives
-    `B..2B-1`, then negatives `2B + b*K + k`, and runs the encoder once over all of them.
+    `B..2B-1`, then negatives `2B + b*K + k`, and runs the encoder once over all of them
+    (a gradient-cache chunk holds some of the rows: the other sequences embed to zero).
     """
     if is_packed(batch):
         b, k = batch["negatives_valid"].shape
@@ -102,10 +103,12 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0):
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
     else:
         def grad_fn(params, batch, rng):
-            if is_packed(batch):
-                raise ValueError("the gradient cache splits padded batches by rows; packed batches "
-                                 "(data.packing) cannot be chunked yet: set data.packing=false or "
-                                 "train.grad_cache_chunks=0")
+            if is_packed(batch):  # chunks of packed rows; each chunk embeds all sequences, zero elsewhere
+                shape_carrier = {"negatives_valid": batch["negatives_valid"]}
+                return cached_value_and_grad(
+                    lambda prm, chunk, key: embed(prm, dict(chunk, **shape_carrier), key),
+                    loss_of_embeddings(batch), params, {k: batch[k] for k in PACKED_KEYS}, rng, chunks,
+                    combine="sum")
             model_inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
             return cached_value_and_grad(embed, loss_of_embeddings(batch), params, model_inputs, rng, chunks)
     return grad_fn
