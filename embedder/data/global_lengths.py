@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedder.data.packing import assign_rows, packed_rows
+from embedder.data.packing import packed_rows, rows_needed
 
 
 def _saturated(buckets, longest: int) -> bool:
@@ -146,10 +146,5 @@ class GlobalLengths:
     def packed_rows(self, slices, row_length: int, row_multiple: int) -> int:
         """The packed row count of every host's batch: `packed_rows` of the most rows any of the
         host `slices` (each a list of rows) needs, packed best-fit decreasing like `pack_batch`."""
-        needed = 0
-        for rows in slices:
-            lengths = self.sequence_lengths(rows)
-            row, _ = assign_rows(lengths, row_length)
-            if (lengths > 0).any():
-                needed = max(needed, int(row[lengths > 0].max()) + 1)
+        needed = max((rows_needed(self.sequence_lengths(rows), row_length) for rows in slices), default=0)
         return packed_rows(needed, row_multiple)

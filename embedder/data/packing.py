@@ -76,6 +76,17 @@ def assign_rows(lengths: Sequence[int], row_length: int) -> tuple[np.ndarray, np
     return row, start
 
 
+def rows_needed(lengths: Sequence[int], row_length: int) -> int:
+    """How many rows best-fit decreasing (`assign_rows`) packs `lengths` into (0 when all are empty)."""
+    row, _ = assign_rows(lengths, row_length)
+    return _rows_used(row, lengths)
+
+
+def _rows_used(row: np.ndarray, lengths) -> int:
+    used = row[np.asarray(lengths) > 0]
+    return int(used.max()) + 1 if used.size else 0
+
+
 def pack_sequences(seqs: Sequence[Sequence[int]], row_length: int, pad_id: int, *,
                    rows: int | None = None, row_multiple: int = 8) -> dict[str, np.ndarray]:
     """Packs `seqs` (lists of token ids, each <= `row_length`) into `[R, row_length]` arrays.
@@ -86,7 +97,7 @@ def pack_sequences(seqs: Sequence[Sequence[int]], row_length: int, pad_id: int, 
     """
     lengths = [len(s) for s in seqs]
     row, start = assign_rows(lengths, row_length)
-    needed = int(row[np.asarray(lengths) > 0].max()) + 1 if any(lengths) else 0
+    needed = _rows_used(row, lengths)
     if rows is None:
         rows = packed_rows(needed, row_multiple)
     elif rows < needed:
@@ -103,6 +114,10 @@ def pack_sequences(seqs: Sequence[Sequence[int]], row_length: int, pad_id: int, 
             sequence_ids[r, b:b + n] = i
             positions[r, b:b + n] = np.arange(n)
     return {"ids": ids, "sequence_ids": sequence_ids, "positions": positions}
+
+
+# The encoder inputs of a padded batch, which a packed batch replaces.
+PADDED_INPUTS = ("query_ids", "query_mask", "positive_ids", "positive_mask", "negative_ids", "negative_mask")
 
 
 def pack_batch(batch: dict[str, np.ndarray], pad_id: int, *, row_length: int | None = None,
@@ -126,9 +141,7 @@ def pack_batch(batch: dict[str, np.ndarray], pad_id: int, *, row_length: int | N
     if row_length is None:
         row_length = max(ids.shape[-1] for ids, _ in groups)
     packed = pack_sequences(seqs, row_length, pad_id, rows=rows, row_multiple=row_multiple)
-    out = {key: v for key, v in batch.items()
-           if not key.startswith(("query_ids", "query_mask", "positive_ids", "positive_mask",
-                                  "negative_ids", "negative_mask"))}
+    out = {key: v for key, v in batch.items() if key not in PADDED_INPUTS}
     out.update(packed_ids=packed["ids"], packed_sequence_ids=packed["sequence_ids"],
                packed_positions=packed["positions"])
     out.setdefault("negatives_valid", np.ones((b, k), bool))

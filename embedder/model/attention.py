@@ -37,15 +37,13 @@ def attention_mask(key_mask, window: int | None = None, is_local=None):
     if isinstance(key_mask, PackedMask):
         seq = key_mask.sequence_ids
         mask = (seq[:, None, :, None] == seq[:, None, None, :]) & (seq[:, None, None, :] >= 0)
-        pos = key_mask.positions[:, None]  # [R, 1, L]
-        rel = pos[..., :, None] - pos[..., None, :]
+        pos = key_mask.positions[:, None]  # [R, 1, L]: positions within each sequence
     else:
         key_mask = jnp.asarray(key_mask).astype(bool)
         mask = key_mask[:, None, None, :]
-        pos = jnp.arange(key_mask.shape[-1])
-        rel = (pos[:, None] - pos[None, :])[None, None]
+        pos = jnp.arange(key_mask.shape[-1])[None, None]
     if window is not None:
-        near = jnp.abs(rel) < window
+        near = jnp.abs(pos[..., :, None] - pos[..., None, :]) < window
         if is_local is not None:
             near = near | ~is_local
         mask = mask & near

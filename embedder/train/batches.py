@@ -7,11 +7,8 @@ from typing import Mapping
 
 import numpy as np
 
-from embedder.data.packing import assign_rows, packed_rows
+from embedder.data.packing import PADDED_INPUTS, packed_rows, rows_needed
 from embedder.train.step import PACKED_KEYS, is_packed
-
-# The encoder inputs of a padded batch, which a packed batch replaces by PACKED_KEYS.
-PADDED_INPUTS = ("query_ids", "query_mask", "positive_ids", "positive_mask", "negative_ids", "negative_mask")
 
 
 def token_counts(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
@@ -40,8 +37,8 @@ def packed_batch_shapes(padded: Mapping[str, tuple], *, query_length: int, docum
     b = padded["query_ids"][0][0]
     k = padded["negative_ids"][0][1] if "negative_ids" in padded else 0
     row_length = max(query_length, document_length)
-    row, _ = assign_rows([query_length] * b + [document_length] * (b * (1 + k)), row_length)
-    rows = packed_rows(int(row.max()) + 1 if b else 0, row_multiple)
+    rows = packed_rows(rows_needed([query_length] * b + [document_length] * (b * (1 + k)), row_length),
+                       row_multiple)
     out = {name: v for name, v in padded.items() if name not in PADDED_INPUTS}
     out.update({name: ((rows, row_length), jnp.int32) for name in PACKED_KEYS})
     out.setdefault("negatives_valid", ((b, k), jnp.bool_))

@@ -363,8 +363,6 @@ def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Orbax logs every read/write step at INFO through absl; keep its warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from embedder.train.config import ConfigError
-
     try:
         if topology:
             topo = parse_topology(topology, num_slices)
@@ -378,7 +376,7 @@ def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
                 raise CompileOnlyError("--num_slices needs --topology")
             report = compile_train_step(config)
             peak = None
-    except (CompileOnlyError, ConfigError, sharding.ShardingError) as e:
+    except (CompileOnlyError, sharding.ShardingError) as e:
         print(f"compile_only: {e}")
         return 2
     print(format_report(report, peak))
