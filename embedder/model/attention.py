@@ -121,19 +121,40 @@ class Attention(nn.Module):
                       name="o")("BLNH,NHD->BLD", out)
 
     def _einsum_attention(self, q, key, value, mask, scale, deterministic):
+        """Softmax attention with the normalisation deferred past the value product.
+
+        `exp(logits - max)` multiplies the values first and the `[B, T, N, H]` result is
+        divided by the row sums, as flash attention does: one pass over the `[B, N, T, S]`
+        probabilities fewer than `softmax(logits) @ values`, and dropout (elementwise, so
+        it commutes with the row division) drops the same entries of the same weights.
+        Multi-head attention takes 4-D einsums: XLA:CPU transposes the size-1 group axis
+        of the 5-D grouped form through copies of the whole logits tensor.
+        """
         cfg = self.config
         b, length, n, h = q.shape
         k = key.shape[2]
-        # Query head n = kv_head * group + g, the order HF's repeat_kv uses.
-        q = (q * jnp.asarray(scale, q.dtype)).reshape(b, length, k, n // k, h)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key).astype(jnp.float32)
+        if k == n:
+            logits = jnp.einsum("BTNH,BSNH->BNTS", q, key, preferred_element_type=jnp.float32)
+            visible = mask
+        else:  # query head n = kv_head * group + g, the order HF's repeat_kv uses
+            q = q.reshape(b, length, k, n // k, h)
+            logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
+            visible = mask[:, :, None]
+        logits = logits * jnp.float32(scale)
         if cfg.attn_logit_softcap:
             logits = _softcap(logits, cfg.attn_logit_softcap)
         # A finite fill keeps rows with no visible key (padding queries far from any
         # real token in a local layer) finite, so masked pooling never meets NaN.
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+        logits = logits + jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)
+        weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        row_sums = jnp.sum(weights, axis=-1)  # [B, N, T] or [B, K, G, T]
+        weights = weights.astype(value.dtype)
         if cfg.attention_dropout_rate > 0 and not deterministic:
-            probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=False)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value)
-        return out.reshape(b, length, n, h)
+            weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=False)
+        if k == n:
+            out = jnp.einsum("BNTS,BSNH->BTNH", weights, value, preferred_element_type=jnp.float32)
+            out = out / jnp.moveaxis(row_sums, 1, 2)[..., None]
+        else:
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value, preferred_element_type=jnp.float32)
+            out = out / jnp.moveaxis(row_sums, 3, 1)[..., None]
+        return out.reshape(b, length, n, h).astype(value.dtype)
