@@ -181,3 +181,57 @@ def test_padding_does_not_change_embeddings():
     long = jax.jit(model.apply)({"params": params}, padded_ids, padded_mask)
     np.testing.assert_allclose(long, short, atol=1e-5)
     assert np.isfinite(np.asarray(long)).all()
+
+
+def _np_attention(x, p, key_mask, n, k, keep=None, rate=0.0):
+    """Textbook attention in NumPy: softmax(q k^T / sqrt(h) over visible keys), then
+    dropout of the probabilities, then the values and the output projection."""
+    x = np.asarray(x, np.float64)
+    proj = {name: np.einsum("bld,dnh->blnh", x, np.asarray(p[name]["w"], np.float64))
+            + np.asarray(p[name]["b"], np.float64) for name in ("q", "k", "v")}
+    h = proj["q"].shape[-1]
+    group = n // k
+    kk = np.repeat(proj["k"], group, axis=2)  # query head n reads kv head n // group
+    vv = np.repeat(proj["v"], group, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", proj["q"], kk) / np.sqrt(h)
+    logits = np.where(np.asarray(key_mask, bool)[:, None, None, :], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if keep is not None:
+        probs = probs * np.asarray(keep).reshape(probs.shape) / (1 - rate)
+    out = np.einsum("bnts,bsnh->btnh", probs, vv)
+    return np.einsum("btnh,nhd->btd", out, np.asarray(p["o"]["w"], np.float64)) + np.asarray(p["o"]["b"])
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_attention_matches_textbook_softmax_with_dropout(num_kv_heads):
+    # The einsum path normalises after the value product and drops unnormalised weights;
+    # both must equal softmax -> dropout -> values, for multi-head and grouped heads.
+    from embedder.model.attention import Attention
+
+    rate = 0.25
+    cfg = get_model_config("tiny-bert", vocab_size=64, num_kv_heads=num_kv_heads,
+                           attention_dropout_rate=rate)
+    x = jax.random.normal(jax.random.key(0), (2, 7, cfg.hidden_size))
+    key_mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
+    attn = Attention(cfg)
+    params = nn.unbox(attn.init(jax.random.key(1), x, key_mask)["params"])
+    np.testing.assert_allclose(attn.apply({"params": params}, x, key_mask),
+                               _np_attention(x, params, key_mask, cfg.num_heads, num_kv_heads),
+                               atol=2e-5)
+
+    dropped = {}
+
+    def record_keep(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout):
+            dropped["keep"] = np.asarray(out) != 0  # the weights are > 0 wherever a key is visible
+        return out
+
+    with nn.intercept_methods(record_keep):
+        y = attn.apply({"params": params}, x, key_mask, deterministic=False,
+                       rngs={"dropout": jax.random.key(2)})
+    keep = dropped["keep"]
+    assert 0.5 < keep.mean() < 0.95  # some, not all, weights were dropped
+    np.testing.assert_allclose(
+        y, _np_attention(x, params, key_mask, cfg.num_heads, num_kv_heads, keep, rate), atol=2e-5)
