@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile_step.py --length 64 --dtype float32 [--top 30] [--trace-dir DIR]
     .venv/bin/python bench/profile_step.py --forward --length 128      # one encode forward instead
     .venv/bin/python bench/profile_step.py --packing --length 64       # the step on packed rows
+    .venv/bin/python bench/profile_step.py --instructions 20           # + the 20 costliest HLO instructions
 
 Builds the same step as `train_step.py` (all-MiniLM-L6-v2, 64 triples, MRL + one hard
 negative), runs two warm-up steps, traces one, and prints the thread time of each
@@ -81,6 +82,20 @@ def table(title: str, counts: collections.Counter, top: int) -> str:
     return "\n".join(lines)
 
 
+def instructions(hlo_text: str, times: collections.Counter, top: int) -> str:
+    """The `top` most expensive executed instructions: thread time, result shape and operands,
+    and the traced op from the metadata (e.g. which gradient a `reduce-window` sums)."""
+    total = sum(times.values()) or 1
+    meta = op_metadata(hlo_text)
+    lines = [f"top {top} instructions (thread time, share, result <- operands, traced op)"]
+    for name, ns in times.most_common(top):
+        m = re.search(r"^\s*(?:ROOT )?%" + re.escape(name) + r" = (\S+) \w+\(([^)]*)\)", hlo_text, re.M)
+        shape, operands = (m.group(1), m.group(2)[:120]) if m else ("?", "")
+        lines.append(f"  {ns / 1e6:8.1f} ms {100 * ns / total:5.1f}%  {name} {shape} <- {operands}"
+                     f"  [{model_op(name, meta)}]")
+    return "\n".join(lines)
+
+
 class Forward:
     """One compiled all-MiniLM-L6-v2 forward over `batch` Debian descriptions padded to `length`."""
 
@@ -111,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--trace-dir", default="", help="keep the trace here (TensorBoard / Perfetto)")
     p.add_argument("--forward", action="store_true", help="trace one encode forward instead of a train step")
     p.add_argument("--packing", action="store_true", help="the train step on packed rows (data.packing)")
+    p.add_argument("--instructions", type=int, default=0, metavar="N",
+                   help="also list the N most expensive HLO instructions with shapes and operands")
     args = p.parse_args(argv)
     import jax
 
@@ -136,6 +153,8 @@ def main(argv=None) -> int:
           f"thread time in one {what} of {wall:.2f} s wall; trace in {trace_dir}")
     print(table("by kind", by_kind, args.top))
     print(table("by model op", by_op, args.top))
+    if args.instructions:
+        print(instructions(step.step.as_text(), times, args.instructions))
     return 0
 
 
