@@ -116,9 +116,11 @@ class Attention(nn.Module):
         else:
             out = self._einsum_attention(q, key, value, mask, scale, deterministic)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        # Token rows ([B * L, ...]) keep the output bias gradient a one-axis sum (feedforward.py).
+        rows = out.reshape(-1, n, h)
         return Einsum((n, h, d), ("heads", "head_dim", "embed"), dtype=dtype, param_dtype=pdtype,
                       bias_shape=(d,) if bert else None, bias_axes=("embed",) if bert else None,
-                      name="o")("BLNH,NHD->BLD", out)
+                      name="o")("TNH,NHD->TD", rows).reshape(x.shape[:2] + (d,))
 
     def _einsum_attention(self, q, key, value, mask, scale, deterministic):
         """Softmax attention with the normalisation deferred past the value product.

@@ -27,14 +27,18 @@ class BertBlock(nn.Module):
     def __call__(self, x, key_mask, deterministic: bool):
         cfg = self.config
         pdtype = jnp.dtype(cfg.param_dtype)
+        shape = x.shape
         h = Attention(cfg, "global", name="attention")(x, key_mask, deterministic)
+        # The residual stream runs over token rows [B * L, D]: the norms' and biases'
+        # gradients are then one-axis sums (see FeedForward).
+        x, h = x.reshape(-1, shape[-1]), h.reshape(-1, shape[-1])
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
         x = LayerNorm(cfg.layer_norm_eps, pdtype, name="attention_norm")(x + h)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "embed"))
         h = FeedForward(cfg, name="mlp")(x)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic or cfg.dropout_rate == 0)
         x = LayerNorm(cfg.layer_norm_eps, pdtype, name="output_norm")(x + h)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x.reshape(shape), ("batch", "length", "embed"))
         return (x, None) if self.scan_step else x
 
 
