@@ -136,12 +136,12 @@ class Attention(nn.Module):
         b, length, n, h = q.shape
         k = key.shape[2]
         if k == n:
-            logits = jnp.einsum("BTNH,BSNH->BNTS", q, key, preferred_element_type=jnp.float32)
-            visible = mask
+            logits_eq, out_eq, visible = "BTNH,BSNH->BNTS", "BNTS,BSNH->BTNH", mask
         else:  # query head n = kv_head * group + g, the order HF's repeat_kv uses
             q = q.reshape(b, length, k, n // k, h)
-            logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
+            logits_eq, out_eq = "BTKGH,BSKH->BKGTS", "BKGTS,BSKH->BTKGH"
             visible = mask[:, :, None]
+        logits = jnp.einsum(logits_eq, q, key, preferred_element_type=jnp.float32)
         logits = logits * jnp.float32(scale)
         if cfg.attn_logit_softcap:
             logits = _softcap(logits, cfg.attn_logit_softcap)
@@ -153,10 +153,6 @@ class Attention(nn.Module):
         weights = weights.astype(value.dtype)
         if cfg.attention_dropout_rate > 0 and not deterministic:
             weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=False)
-        if k == n:
-            out = jnp.einsum("BNTS,BSNH->BTNH", weights, value, preferred_element_type=jnp.float32)
-            out = out / jnp.moveaxis(row_sums, 1, 2)[..., None]
-        else:
-            out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value, preferred_element_type=jnp.float32)
-            out = out / jnp.moveaxis(row_sums, 3, 1)[..., None]
+        out = jnp.einsum(out_eq, weights, value, preferred_element_type=jnp.float32)
+        out = out / jnp.moveaxis(row_sums, -1, 1)[..., None]  # T next to B, as in `out`
         return out.reshape(b, length, n, h).astype(value.dtype)
