@@ -129,14 +129,17 @@ class Attention(nn.Module):
         divided by the row sums, as flash attention does: one pass over the `[B, N, T, S]`
         probabilities fewer than `softmax(logits) @ values`, and dropout (elementwise, so
         it commutes with the row division) drops the same entries of the same weights.
-        Multi-head attention takes 4-D einsums: XLA:CPU transposes the size-1 group axis
-        of the 5-D grouped form through copies of the whole logits tensor.
+        Multi-head attention takes 4-D einsums on heads-major `[B, N, T, H]` operands:
+        XLA:CPU transposes the size-1 group axis of the 5-D grouped form through copies of
+        the whole logits tensor, and the heads-major layout makes both dots plain batched
+        GEMMs (forward of all-MiniLM-L6-v2 at 64 x 128 tokens 1.91 -> 1.84 s).
         """
         cfg = self.config
         b, length, n, h = q.shape
         k = key.shape[2]
         if k == n:
-            logits_eq, out_eq, visible = "BTNH,BSNH->BNTS", "BNTS,BSNH->BTNH", mask
+            q, key, value = (jnp.swapaxes(x, 1, 2) for x in (q, key, value))  # [B, N, T, H]
+            logits_eq, out_eq, visible = "BNTH,BNSH->BNTS", "BNTS,BNSH->BNTH", mask
         else:  # query head n = kv_head * group + g, the order HF's repeat_kv uses
             q = q.reshape(b, length, k, n // k, h)
             logits_eq, out_eq = "BTKGH,BSKH->BKGTS", "BKGTS,BSKH->BTKGH"
@@ -154,5 +157,8 @@ class Attention(nn.Module):
         if cfg.attention_dropout_rate > 0 and not deterministic:
             weights = nn.Dropout(cfg.attention_dropout_rate)(weights, deterministic=False)
         out = jnp.einsum(out_eq, weights, value, preferred_element_type=jnp.float32)
-        out = out / jnp.moveaxis(row_sums, -1, 1)[..., None]  # T next to B, as in `out`
+        if k == n:
+            out = jnp.swapaxes(out / row_sums[..., None], 1, 2)
+        else:
+            out = out / jnp.moveaxis(row_sums, -1, 1)[..., None]  # T next to B, as in `out`
         return out.reshape(b, length, n, h).astype(value.dtype)
