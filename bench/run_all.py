@@ -47,8 +47,8 @@ def table(res: dict) -> str:
             for who, s in r["seconds"].items():
                 ratio = _fmt(r["ratio_vs_st"][who]) if who in r["ratio_vs_st"] else "1"
                 peak = peak16 if who.startswith("ours") and "bf16" in who else peak32
-                check = {"ours_f32": f"max abs diff {r['max_abs_diff_vs_st']:.1e}",
-                         "ours_bf16": f"min cos {r['bf16_min_cosine_vs_f32']:.5f}"}.get(who, "")
+                check = (f"max abs diff {r['max_abs_diff_vs_st']:.1e}" if who == "ours_f32" else
+                         f"min cos {r['bf16_min_cosine_vs_f32']:.5f}" if who == "ours_bf16" else "")
                 lines.append(f"| {length} | {who} | {_fmt(s)} | {r['real_tokens'] / s['median']:.0f} | {ratio} | "
                              f"{r['model_flops'] / s['median'] / peak:.0%} | {check} |")
         lines.append("")
