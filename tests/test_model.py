@@ -235,3 +235,18 @@ def test_attention_matches_textbook_softmax_with_dropout(num_kv_heads):
     assert 0.5 < keep.mean() < 0.95  # some, not all, weights were dropped
     np.testing.assert_allclose(
         y, _np_attention(x, params, key_mask, cfg.num_heads, num_kv_heads, keep, rate), atol=2e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_attention_kernels_start_at_one_over_sqrt_fan_in(scan_layers):
+    # q/k/v kernels are [embed, heads, head_dim]: fan-in is embed alone (heads are outputs),
+    # the output kernel [heads, head_dim, embed] has fan-in heads * head_dim.
+    embed, heads, head_dim = 256, 8, 32
+    cfg = get_model_config("tiny", vocab_size=64, hidden_size=embed, num_heads=heads,
+                           num_kv_heads=heads, head_dim=head_dim, scan_layers=scan_layers)
+    ids = jnp.ones((1, 4), jnp.int32)
+    params = nn.meta.unbox(EmbeddingModel(cfg).init(jax.random.key(0), ids, ids)["params"])
+    attn = (params["encoder"]["layers"] if scan_layers else params["encoder"]["layer_0"])["attention"]
+    for name, fan_in in [("q", embed), ("k", embed), ("v", embed), ("o", heads * head_dim)]:
+        std = float(np.asarray(attn[name]["w"]).std())
+        assert std == pytest.approx(fan_in ** -0.5, rel=0.03), (name, std)

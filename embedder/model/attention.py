@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from embedder.model.config import ModelConfig
-from embedder.model.einsum import Einsum
+from embedder.model.einsum import Einsum, default_kernel_init
 from embedder.model.norms import RMSNorm
 from embedder.model.rope import rope_inv_freq, rotate
 
@@ -119,6 +119,7 @@ class Attention(nn.Module):
         # Token rows ([B * L, ...]) keep the output bias gradient a one-axis sum (feedforward.py).
         rows = out.reshape(-1, n, h)
         return Einsum((n, h, d), ("heads", "head_dim", "embed"), dtype=dtype, param_dtype=pdtype,
+                      kernel_init=default_kernel_init(fan_in_axes=2),
                       bias_shape=(d,) if bert else None, bias_axes=("embed",) if bert else None,
                       name="o")("TNH,NHD->TD", rows).reshape(x.shape[:2] + (d,))
 

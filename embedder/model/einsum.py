@@ -9,10 +9,17 @@ import jax.numpy as jnp
 
 
 def default_kernel_init(fan_in_axes: int = 1) -> Callable:
-    """Variance scaling over the first `fan_in_axes` dims (the contracted ones)."""
-    return nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(fan_in_axes)),
-        out_axis=-1)
+    """Variance scaling with fan-in = the product of the first `fan_in_axes` dims (the contracted ones).
+
+    Every later dim is an output dim: given only the last one, variance scaling would count
+    the dims between (heads in a `(embed, heads, head_dim)` q/k/v kernel) as a receptive
+    field, multiply them into the fan-in and start those weights sqrt(heads) too small.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(fan_in_axes)),
+            out_axis=tuple(range(fan_in_axes, len(shape))))(key, shape, dtype)
+    return init
 
 
 class Einsum(nn.Module):
