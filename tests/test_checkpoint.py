@@ -150,6 +150,11 @@ def test_corrupt_latest_falls_back(tmp_path, kind, caplog):
         assert data == {"position": expect * 10}
         assert any(r.levelno >= logging.WARNING for r in caplog.records)
         if kind != "orbax_tmp_dir":
+            # Said loudly: which step was moved and why, which step resumed, how much is lost.
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert any("skipping checkpoint step 2" in m and "checkpoints_corrupt" in m for m in errors), errors
+            assert any("resumed from step 1, not the newest step 2: 1 step of training lost" in m
+                       for m in errors), errors
             assert c.all_steps() == [1]
             assert list((tmp_path / "checkpoints_corrupt").iterdir())
             # Training resumes from step 1 and can write step 2 again.
@@ -170,6 +175,56 @@ def test_explicit_corrupt_step_raises_and_mismatch_is_not_corruption(tmp_path):
         with pytest.raises(ValueError, match="tree structures differ"):
             c.restore(1, wrong)
         assert c.all_steps() == [1, 2]  # nothing was moved for a caller error
+
+
+def _fail_first_calls(monkeypatch, owner, name, calls):
+    """Makes `owner.name` raise a transient OSError on its first `calls` calls; returns the call log."""
+    real, log = getattr(owner, name), []
+
+    def flaky(*args, **kwargs):
+        log.append(name)
+        if len(log) <= calls:
+            raise OSError(5, "Input/output error (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return log
+
+
+@pytest.mark.parametrize("where", ["metadata", "arrays"])
+def test_transient_read_error_is_retried_and_resumes_newest(tmp_path, monkeypatch, caplog, where):
+    from embedder.checkpoint import train_state
+
+    states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
+    with caplog.at_level(logging.WARNING), ckpt.TrainCheckpointer(
+            tmp_path, async_save=False, restore_backoff_s=0) as c:
+        owner = train_state if where == "metadata" else c._manager
+        calls = _fail_first_calls(monkeypatch, owner, "_tree_metadata" if where == "metadata" else "restore", 1)
+        state, data, _ = c.restore(abstract_state=abstract_of(states[2]))
+        assert_trees_equal(state, states[2])
+        assert data == {"position": 20} and len(calls) == 2
+        assert c.all_steps() == [1, 2]
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+    assert any("reading checkpoint step 2 failed (attempt 1 of 4), retrying" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_persistent_read_error_fails_in_one_line_and_moves_nothing(tmp_path, monkeypatch):
+    from embedder.checkpoint.read_faults import CheckpointReadError
+
+    states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
+    with ckpt.TrainCheckpointer(tmp_path, async_save=False, restore_attempts=3, restore_backoff_s=0) as c:
+        calls = _fail_first_calls(monkeypatch, c._manager, "restore", 100)
+        with pytest.raises(CheckpointReadError) as err:
+            c.restore(abstract_state=abstract_of(states[2]))
+        assert len(calls) == 3
+        assert c.all_steps() == [1, 2]
+    message = str(err.value)
+    assert "\n" not in message
+    assert "checkpoint step 2" in message and "after 3 attempts" in message, message
+    assert "OSError: [Errno 5] Input/output error (injected)" in message, message
+    assert "nothing was moved" in message, message
+    assert not (tmp_path / "checkpoints_corrupt").exists()
 
 
 def test_restore_onto_other_mesh(tmp_path):

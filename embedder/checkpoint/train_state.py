@@ -1,6 +1,8 @@
-"""Train checkpoints of a workdir (Orbax CheckpointManager): keep-last-N + best, corrupt-step fallback."""
+"""Train checkpoints of a workdir (Orbax CheckpointManager): keep-last-N + best, corrupt-step fallback,
+retries of reads that fail without proof of corruption."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pathlib
@@ -11,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from embedder.checkpoint.read_faults import CheckpointReadError, StepCorrupt, corruption, describe
 from embedder.checkpoint.trees import (_TMP_MARKER, CHECKPOINTS_DIR, QUARANTINE_DIR, TRAIN_ITEMS,
                                         _check_same_tree, _read_json, _to_json_value, _tree_metadata)
 
@@ -21,6 +24,7 @@ def _step_problem(step_dir: pathlib.Path) -> str | None:
     """Why a train-checkpoint step directory is unusable, or None when it looks complete.
 
     Cheap checks only (files present, JSON parses); unreadable array data shows up at restore.
+    Other read errors (EIO, timeouts) prove nothing about the step and propagate.
     """
     if not step_dir.is_dir():
         return "not a directory"
@@ -34,8 +38,8 @@ def _step_problem(step_dir: pathlib.Path) -> str | None:
             _read_json(step_dir / item / "metadata")
     except FileNotFoundError as e:
         return f"missing file {pathlib.Path(e.filename).relative_to(step_dir) if e.filename else e}"
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        return f"unreadable file: {e}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"unparsable file: {e}"
     if not (step_dir / "state" / "manifest.ocdbt").exists() and not any((step_dir / "state").glob("*.zarray")):
         return "array data of item 'state' is missing"
     return None
@@ -86,11 +90,14 @@ class TrainCheckpointer:
 
     Keeps the last `max_to_keep` steps plus, with `keep_best_metric`, the best step by
     that metric (`best_mode` "max" or "min"). Saves are asynchronous unless
-    `async_save=False`; `wait()` blocks until they are on disk.
+    `async_save=False`; `wait()` blocks until they are on disk. A restore that fails
+    without proof of corruption is tried `restore_attempts` times, waiting
+    `restore_backoff_s`, then twice that, ... between tries.
     """
 
     def __init__(self, workdir, *, max_to_keep: int = 3, keep_best_metric: str | None = None,
-                 best_mode: str = "max", save_interval_steps: int = 1, async_save: bool = True):
+                 best_mode: str = "max", save_interval_steps: int = 1, async_save: bool = True,
+                 restore_attempts: int = 4, restore_backoff_s: float = 2.0):
         if max_to_keep is None or int(max_to_keep) < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         if best_mode not in ("max", "min"):
@@ -101,6 +108,11 @@ class TrainCheckpointer:
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.keep_best_metric = keep_best_metric
         self.best_mode = best_mode
+        if int(restore_attempts) < 1 or restore_backoff_s < 0:
+            raise ValueError(f"restore_attempts must be >= 1 and restore_backoff_s >= 0, got "
+                             f"{restore_attempts}, {restore_backoff_s}")
+        self.restore_attempts = int(restore_attempts)
+        self.restore_backoff_s = float(restore_backoff_s)
         for tmp in _tmp_dirs(self.directory):
             log.warning("ignoring incomplete checkpoint %s (an interrupted save); Orbax removes it", tmp)
         policies = [ocp.checkpoint_managers.LatestN(n=int(max_to_keep))]
@@ -161,10 +173,12 @@ class TrainCheckpointer:
         """Restores `(state, data_state, config)`.
 
         `abstract_state` is the train state with `jax.ShapeDtypeStruct` leaves that
-        carry the target shardings (any mesh). With `step=None` the newest usable
-        step is taken: incomplete or corrupt newer steps are skipped with a warning
-        and moved to `<workdir>/checkpoints_corrupt/` so training can save them anew.
-        An explicit `step` that is unusable raises.
+        carry the target shardings (any mesh). With `step=None` the newest usable step
+        is taken: a newer step proven incomplete or corrupt (`_step_problem`, or array
+        data that does not match its metadata) is moved to `<workdir>/checkpoints_corrupt/`,
+        so training can save it anew, and the fallback is logged as an error naming the
+        steps lost. Any other read failure is retried, then raises `CheckpointReadError`
+        and moves nothing. An explicit `step` that is corrupt raises ValueError.
         """
         self.wait()
         steps = sorted(self._manager.all_steps(), reverse=True) if step is None else [int(step)]
@@ -172,43 +186,73 @@ class TrainCheckpointer:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
         skipped = []
         for candidate in steps:
-            step_dir = self.directory / str(candidate)
-            problem = _step_problem(step_dir)
-            meta = None
-            if problem is None:
-                try:
-                    meta = _tree_metadata(step_dir / "state")
-                except Exception as e:  # noqa: BLE001 - unreadable metadata is corruption
-                    problem = f"unreadable array metadata: {type(e).__name__}: {str(e)[:300]}"
-            if meta is not None:
-                if abstract_state is not None:
-                    # A mismatch is the caller's error, not corruption: raise, never skip.
-                    _check_same_tree(meta, abstract_state, f"checkpoint step {candidate}", "abstract_state")
-                try:
-                    restored = self._manager.restore(candidate, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        config=ocp.args.JsonRestore(),
-                    ))
-                    if skipped:
-                        log.warning("resumed from step %d after skipping %s", candidate, skipped)
-                    return restored.state, dict(restored.data or {}), dict(restored.config or {})
-                except Exception as e:  # noqa: BLE001 - any read failure of a complete-looking step
-                    problem = f"restore failed: {type(e).__name__}: {str(e)[:300]}"
-            if step is not None:
-                raise ValueError(f"checkpoint step {candidate} in {self.directory} is unusable: {problem}")
-            log.warning("skipping checkpoint step %d in %s: %s", candidate, self.directory, problem)
-            skipped.append((candidate, problem))
-            self._quarantine(candidate)
+            try:
+                state, data_state, config = self._restore_step(candidate, abstract_state)
+            except StepCorrupt as e:
+                if step is not None:
+                    raise ValueError(f"checkpoint step {candidate} in {self.directory} is unusable: {e}") from None
+                moved = self._quarantine(candidate)
+                log.error("skipping checkpoint step %d in %s: %s; moved it to %s",
+                          candidate, self.directory, e, moved)
+                skipped.append(f"step {candidate}: {e}")
+                continue
+            if skipped:
+                lost = steps[0] - candidate
+                log.error("resumed from step %d, not the newest step %d: %d step%s of training lost "
+                          "(corrupt, moved to %s: %s)", candidate, steps[0], lost, "" if lost == 1 else "s",
+                          self.workdir / QUARANTINE_DIR, "; ".join(skipped))
+            return state, data_state, config
         raise FileNotFoundError(f"no usable checkpoint in {self.directory}; skipped: {skipped}")
 
-    def _quarantine(self, step: int) -> None:
+    def _restore_step(self, step: int, abstract_state):
+        """One step's `(state, data_state, config)`; raises StepCorrupt when it is proven unusable."""
+        step_dir = self.directory / str(step)
+
+        def read_metadata():
+            problem = _step_problem(step_dir)
+            if problem is not None:
+                raise StepCorrupt(problem)
+            return _tree_metadata(step_dir / "state")
+
+        meta = self._retrying(step, read_metadata)
+        if abstract_state is not None:
+            # A mismatch is the caller's error, not corruption: raise, never skip.
+            _check_same_tree(meta, abstract_state, f"checkpoint step {step}", "abstract_state")
+        restored = self._retrying(step, lambda: self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )))
+        return restored.state, dict(restored.data or {}), dict(restored.config or {})
+
+    def _retrying(self, step: int, read):
+        """`read()`, retried with backoff while its failures prove nothing about the step."""
+        for attempt in itertools.count(1):
+            try:
+                return read()
+            except Exception as e:  # noqa: BLE001 - sorted into corrupt / maybe transient below
+                problem = corruption(e)
+                if problem is not None:
+                    raise StepCorrupt(problem) from e
+                if attempt == self.restore_attempts:
+                    raise CheckpointReadError(
+                        f"could not read checkpoint step {step} in {self.directory} after {attempt} "
+                        f"attempts: {describe(e)}; nothing was moved. Fix the cause (storage, memory) "
+                        f"and rerun, or move {self.directory / str(step)} aside to resume from an "
+                        "older step") from e
+                delay = self.restore_backoff_s * 2 ** (attempt - 1)
+                log.warning("reading checkpoint step %d failed (attempt %d of %d), retrying in %.0f s: %s",
+                            step, attempt, self.restore_attempts, delay, describe(e))
+                time.sleep(delay)
+
+    def _quarantine(self, step: int) -> pathlib.Path:
+        dest = self.workdir / QUARANTINE_DIR / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            dest = self.workdir / QUARANTINE_DIR / f"{step}-{int(time.time())}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), dest)
         ocp.multihost.sync_global_processes(f"embedder_quarantine_{step}")
         self._manager.reload()
+        return dest
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -113,13 +113,14 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if _DISTRIBUTED.value:
         _initialize_distributed()
+    from embedder.checkpoint.read_faults import CheckpointReadError
     from embedder.data.records import BadRecordError
     from embedder.train.loop import ConfigError, NonFiniteLossError, train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (BadRecordError, ConfigError, NonFiniteLossError) as e:
-        # A data, config or divergence problem, not a bug: one clear line, no traceback.
+    except (BadRecordError, CheckpointReadError, ConfigError, NonFiniteLossError) as e:
+        # A data, config, storage or divergence problem, not a bug: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
