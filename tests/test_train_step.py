@@ -242,3 +242,88 @@ def test_gradient_cached_packed_step_equals_padded_step():
         np.testing.assert_allclose(float(metrics[key]), m_pad[key], rtol=2e-5, err_msg=key)
     for (path, a), b in zip(jax.tree.leaves_with_path(p_pad), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(b), a, atol=1e-6, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def _np_masked_nce(q, p, n, valid, q_hash, p_hash, n_hash, dims, temperature, mask_duplicates):
+    """Matryoshka NCE by the formula, one row and one term at a time (own hard negatives only)."""
+    same = lambda a, b: bool(np.all(a == b))  # noqa: E731
+    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    b, k = valid.shape
+    total = 0.0
+    for d in dims:
+        rows = []
+        for i in range(b):
+            qi = unit(q[i, :d])
+            pos = np.exp(qi @ unit(p[i, :d]) / temperature)
+            denominator = pos
+            for j in range(b):
+                duplicate = same(q_hash[i], q_hash[j]) or same(p_hash[i], p_hash[j])
+                if j != i and not (mask_duplicates and duplicate):
+                    denominator += np.exp(qi @ unit(p[j, :d]) / temperature)
+            for kk in range(k):
+                false_negative = any(same(q_hash[m], q_hash[i]) and same(n_hash[i, kk], p_hash[m])
+                                     for m in range(b))
+                if valid[i, kk] and not (mask_duplicates and false_negative):
+                    denominator += np.exp(qi @ unit(n[i, kk, :d]) / temperature)
+            rows.append(-np.log(pos / denominator))
+        total += np.mean(rows)
+    return total
+
+
+def test_train_step_masks_duplicate_texts_as_numpy_says():
+    """A real sharded train step on a batch with a duplicate query, a shared positive and false
+    negatives: its loss with and without `mask_duplicates` equals a float64 NumPy reference."""
+    batch = make_batch(5)
+    copy = lambda dst, src: [batch[key].__setitem__(dst, batch[key][src])  # noqa: E731
+                             for key in ("query_ids", "query_mask", "query_hash")]
+    copy(7, 6)                                                   # row 7 asks row 6's query
+    for row, kk, src in ((6, 0, 7), (4, 1, 4)):                  # false negatives: a positive of the
+        batch["negative_ids"][row, kk] = batch["positive_ids"][src]   # same query text, the own positive
+        batch["negative_mask"][row, kk] = batch["positive_mask"][src]
+        batch["negative_hash"][row, kk] = batch["positive_hash"][src]
+        batch["negatives_valid"][row, kk] = True
+    model, mesh = StandInEncoder(), mesh_of((4, 2, 1))
+    # At temperature 0.1 each masking rule alone moves this loss by more than 0.016.
+    base = {"dims": (16, 8), "temperature": 0.1}
+    optimizer = make_optimizer(OPT, total_steps=10)
+    losses = {}
+    for masked in (True, False):
+        loss = dict(base, mask_duplicates=masked)
+        with jax.set_mesh(mesh):
+            state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
+                                                  sharding.DEFAULT_RULES, batch)
+            params = jax.tree.map(np.asarray, state.params)
+            step = jit_train_step(make_train_step(model, loss, optimizer), shardings, mesh)
+            _, metrics = step(state, sharding.host_to_global(batch, mesh), jax.random.key(1))
+        losses[masked] = float(metrics["loss"])
+    # The step's loss is at the initial parameters: embed with them (no dropout) for the reference.
+    embed = lambda ids, mask: np.asarray(model.apply({"params": params}, ids, mask), np.float64)  # noqa: E731
+    b, k, length = batch["negative_ids"].shape
+    q, p = embed(batch["query_ids"], batch["query_mask"]), embed(batch["positive_ids"], batch["positive_mask"])
+    n = embed(batch["negative_ids"].reshape(b * k, length), batch["negative_mask"].reshape(b * k, length))
+    args = (q, p, n.reshape(b, k, -1), batch["negatives_valid"], batch["query_hash"], batch["positive_hash"],
+            batch["negative_hash"], base["dims"], base["temperature"])
+    want = {masked: _np_masked_nce(*args, mask_duplicates=masked) for masked in (True, False)}
+    assert want[False] - want[True] > 0.05, "the duplicates must matter, or the test proves nothing"
+    assert losses[True] == pytest.approx(want[True], rel=1e-5)
+    assert losses[False] == pytest.approx(want[False], rel=1e-5)
+    assert losses[False] - losses[True] == pytest.approx(want[False] - want[True], abs=1e-4)
+
+
+@pytest.mark.parametrize("missing", ["query_hash", "positive_hash", "negative_hash"])
+def test_missing_text_ids_with_mask_duplicates_is_an_error(missing):
+    batch = {k: v for k, v in make_batch(0).items() if k != missing}
+    model, mesh = StandInEncoder(), mesh_of((1, 1, 1), jax.devices()[:1])
+    optimizer = make_optimizer(OPT, total_steps=10)
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
+                                              sharding.DEFAULT_RULES, batch)
+        for masked in (True, False):
+            step = jit_train_step(make_train_step(model, dict(LOSS, mask_duplicates=masked), optimizer),
+                                  shardings, mesh)
+            lowered = lambda: step.lower(state, sharding.host_to_global(batch, mesh), jax.random.key(1))  # noqa: E731
+            if masked:
+                with pytest.raises(ValueError, match=f"train batch has no '{missing}': loss.mask_duplicates"):
+                    lowered()
+            else:
+                lowered()   # without the mask the hashes are not needed

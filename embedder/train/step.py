@@ -71,10 +71,24 @@ def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
     return out
 
 
+def _check_text_ids(batch: Mapping[str, jax.Array], with_negatives: bool) -> None:
+    """Raises naming the text-identity hashes `loss.mask_duplicates` needs and `batch` lacks."""
+    needed = ("query_hash", "positive_hash") + (("negative_hash",) if with_negatives else ())
+    missing = [key for key in needed if key not in batch]
+    if missing:
+        raise ValueError(
+            f"train batch has no {', '.join(map(repr, missing))}: loss.mask_duplicates needs the "
+            "text-identity hashes to mask duplicate texts (the data pipeline adds them, see "
+            "ARCHITECTURE.md \"Batches\"); add them to hand-made batches or set "
+            "--config.loss.mask_duplicates=false")
+
+
 def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                loss_options: Mapping[str, Any]) -> tuple[jax.Array, dict]:
     """Matryoshka NCE of a batch's embeddings, with its text-identity hashes and negative validity."""
     negatives = embeddings.get("negative")
+    if loss_options.get("mask_duplicates"):
+        _check_text_ids(batch, negatives is not None)
     return matryoshka_nce(
         embeddings["query"], embeddings["positive"], negatives, query_ids=batch.get("query_hash"),
         positive_ids=batch.get("positive_hash"),
