@@ -201,39 +201,86 @@ def test_retries_exhausted_are_counted_not_fatal():
         assert sum(server.seen.values()) == 6
 
 
-def test_killed_run_resumes_without_repeating_answered_prompts(tmp_path, repo_root):
+def _hang_inputs(tmp_path):
+    """30 passages; the 13th hangs on the server until released, so a run can be killed there."""
     texts = [f"item{i:02d} plain" for i in range(30)]
     texts[12] = "item12 [hang] plain"
     write_jsonl(tmp_path / "in.jsonl", [{"query": "q", "positive": t} for t in texts])
-    cache = tmp_path / "cache"
+    return tmp_path / "in.jsonl"
+
+
+def _sigkill_at_hang(server, args, repo_root):
+    """Runs `python -m embedder.synth ARGS` and SIGKILLs it once the hanging prompt was asked;
+    returns the prompts answered before the kill and forgets the server's counts."""
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.synth", *args], cwd=repo_root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not any("[hang]" in p for p in server.seen) and time.time() < deadline:
+            time.sleep(0.02)
+        assert any("[hang]" in p for p in server.seen), proc.stderr.read1().decode() if proc.poll() else "no hang"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    answered = list(server.answered)
+    server.seen.clear()
+    server.answered.clear()
+    server.release.set()   # from now on the hang marker answers normally
+    return answered
+
+
+def test_killed_run_resumes_without_repeating_answered_prompts(tmp_path, repo_root):
+    inp, cache = _hang_inputs(tmp_path), tmp_path / "cache"
     with ScriptedServer(scripted_answer) as server:
-        argv = [sys.executable, "-m", "embedder.synth", "queries", "--llm", "openai:m", "--base-url", server.url,
-                "--in", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "killed.jsonl"),
-                "--concurrency", "1", "--cache-dir", str(cache), "--timeout", "20"]
-        env = dict(os.environ, PYTHONPATH=str(repo_root))
-        proc = subprocess.Popen(argv, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.time() + 60
-            while not any("[hang]" in p for p in server.seen) and time.time() < deadline:
-                time.sleep(0.02)
-            assert any("[hang]" in p for p in server.seen), proc.stderr.read1().decode() if proc.poll() else "no hang"
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        answered_before = list(server.answered)
+        answered_before = _sigkill_at_hang(server, [
+            "queries", "--llm", "openai:m", "--base-url", server.url, "--in", str(inp),
+            "--out", str(tmp_path / "killed.jsonl"), "--concurrency", "1", "--cache-dir", str(cache),
+            "--timeout", "20"], repo_root)
         assert len(answered_before) == 12
         assert len(read_jsonl(tmp_path / "killed.jsonl")) == 12  # flushed as they arrived
-        server.seen.clear()
-        server.answered.clear()
 
-        # Rerun in-process (released, the hang marker answers normally).
-        server.release.set()
+        # Rerun in-process, with other flags and output but the same cache.
         out = tmp_path / "resumed.jsonl"
-        assert cli.run(["queries", "--llm", "openai:m", "--base-url", server.url, "--in", str(tmp_path / "in.jsonl"),
+        assert cli.run(["queries", "--llm", "openai:m", "--base-url", server.url, "--in", str(inp),
                         "--out", str(out), "--concurrency", "2", "--cache-dir", str(cache), *FAST]) == 0
     assert not set(answered_before) & set(server.seen)  # nothing answered before was asked again
     assert len(server.seen) == 18 and max(server.seen.values()) == 1
     assert [r["query"] for r in read_jsonl(out)] == [f"find item{i:02d}" for i in range(30)]
+
+
+def test_same_command_after_sigkill_repeats_no_answered_prompt_by_default(tmp_path, repo_root, capsys):
+    inp, out = _hang_inputs(tmp_path), tmp_path / "runs" / "q.jsonl"
+    with ScriptedServer(scripted_answer) as server:
+        command = lambda out, *extra: ["queries", "--llm", "openai:m", "--base-url", server.url,  # noqa: E731
+                                       "--in", str(inp), "--out", str(out), "--concurrency", "1", *extra]
+        args = command(out, "--timeout", "20")
+        answered_before = _sigkill_at_hang(server, args, repo_root)
+        assert len(answered_before) == 12
+        assert (tmp_path / "runs" / "q.jsonl.llm_cache" / "llm_cache.sqlite").is_file()
+        assert cli.run(args) == 0                      # the very same command
+        assert not set(answered_before) & set(server.seen)
+        assert len(server.seen) == 18 and max(server.seen.values()) == 1
+        assert f"answers cached in {out}.llm_cache" in capsys.readouterr().err
+        assert [r["query"] for r in read_jsonl(out)] == [f"find item{i:02d}" for i in range(30)]
+
+        server.seen.clear()
+        assert cli.run(args) == 0                      # a third run: every answer from the cache
+        assert not server.seen
+        # --no-cache opts out: nothing on disk, every prompt asked again.
+        no_cache = tmp_path / "fresh" / "q.jsonl"
+        assert cli.run(command(no_cache, "--no-cache", *FAST)) == 0
+        assert len(server.seen) == 30 and not (tmp_path / "fresh" / "q.jsonl.llm_cache").exists()
+        assert "answers cached in memory only" in capsys.readouterr().err
+
+
+def test_cache_dir_and_no_cache_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(["queries", "--llm", "openai:m", "--in", "x.jsonl", "--out", str(tmp_path / "o.jsonl"),
+                 "--cache-dir", str(tmp_path / "c"), "--no-cache"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--no-cache: not allowed with argument --cache-dir" in err and len(err.strip().splitlines()) == 1
 
 
 def test_api_key_never_in_outputs_logs_or_cache(tmp_path, monkeypatch, capsys, caplog):

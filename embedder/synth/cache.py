@@ -65,7 +65,7 @@ class ResponseCache:
 
 
 class MemoryCache:
-    """Same interface, in memory: for runs without --cache-dir (answers still deduplicated)."""
+    """Same interface, in memory: for runs with --no-cache (answers still deduplicated)."""
 
     def __init__(self):
         self._data: dict[str, str] = {}

@@ -1,4 +1,9 @@
-"""`python -m embedder.synth queries|filter|classify|negatives`: synthetic data command lines."""
+"""`python -m embedder.synth queries|filter|classify|negatives`: synthetic data command lines.
+
+LLM answers are cached on disk as they arrive, by default in `OUT.llm_cache/` beside `--out`
+(`--cache-dir` elsewhere, `--no-cache` in memory only), so the same command rerun after a
+kill or a crash asks no answered prompt again.
+"""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +36,11 @@ def _llm_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--api-key-env", help="environment variable holding the key (default OPENAI_API_KEY, or "
                                          "GEMINI_API_KEY / GOOGLE_API_KEY); keys are never written anywhere")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    g.add_argument("--cache-dir", help="answer cache; a rerun or resumed run reuses every stored answer")
+    cache = g.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", help="answer cache directory (default OUT.llm_cache beside --out); a "
+                                           "rerun or resumed run reuses every stored answer")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="keep answers in memory only: a rerun asks (and pays for) every prompt again")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     g.add_argument("--max-retries", type=int, default=6)
     g.add_argument("--backoff", type=float, default=1.0, help="base backoff seconds, doubled per retry, jittered")
@@ -88,9 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_cache_dir(out: str) -> str:
+    """Where answers are cached without --cache-dir: `OUT.llm_cache` beside the output file."""
+    return os.fspath(out) + ".llm_cache"
+
+
 def _make_runner(args) -> LLMRunner:
     client = make_client(args.llm, base_url=args.base_url, timeout=args.timeout, api_key_env=args.api_key_env)
-    cache = ResponseCache(args.cache_dir) if args.cache_dir else MemoryCache()
+    cache = MemoryCache() if args.no_cache else ResponseCache(args.cache_dir or default_cache_dir(args.out))
     policy = RetryPolicy(max_retries=args.max_retries, base_delay=args.backoff, max_delay=args.max_backoff)
     return LLMRunner(client, cache, concurrency=args.concurrency, retry=policy)
 
@@ -134,7 +148,10 @@ def run(argv=None) -> int:
             runner.client.close()
             runner.cache.close()
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    llm = f"; LLM: {runner.summary()}" if runner is not None else ""
+    llm = ""
+    if runner is not None:
+        where = getattr(runner.cache, "path", None)
+        llm = f"; LLM: {runner.summary()}; answers cached in {where or 'memory only'}"
     print(f"{args.command}: wrote {args.out} ({summary}){llm} in {time.time() - start:.1f}s", file=sys.stderr)
     return 0
 
