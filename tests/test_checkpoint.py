@@ -11,7 +11,7 @@ import pytest
 from flax import struct
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from embedder import checkpoint as ckpt
+from embedder import checkpoint as ckpt, model_store
 
 
 @struct.dataclass
@@ -107,9 +107,9 @@ def test_keep_last_n_and_best(tmp_path, mode, scores, best):
         c.save(9, make_state(9), {}, {}, metrics={"score": scores[3]})
         c.wait()
         assert c.all_steps() == [best, 8, 9]
-    loc = ckpt.locate_model(tmp_path, best_metric="score", best_mode=mode)
+    loc = model_store.locate_model(tmp_path, best_metric="score", best_mode=mode)
     assert loc.step == best
-    assert ckpt.locate_model(tmp_path).step == 9
+    assert model_store.locate_model(tmp_path).step == 9
 
 
 def _truncate(path):
@@ -275,45 +275,45 @@ def test_resolve_and_export_each_kind(tmp_path):
     states = write_workdir(tmp_path / "w", steps=(1, 2), metrics=[0.9, 0.1], keep_best_metric="score",
                            async_save=False)
     workdir = tmp_path / "w"
-    params, spec = ckpt.resolve_model_path(workdir)
+    params, spec = model_store.load_model(workdir)
     assert_trees_equal(params, states[2].params)
     assert spec["model"] == SPEC["model"]
     assert spec["tokenizer"]["file"] == str((workdir / "tokenizer.json").resolve())
-    best, _ = ckpt.resolve_model_path(workdir, best_metric="score")
+    best, _ = model_store.load_model(workdir, best_metric="score")
     assert_trees_equal(best, states[1].params)
-    step_params, _ = ckpt.resolve_model_path(workdir / "checkpoints" / "1")
+    step_params, _ = model_store.load_model(workdir / "checkpoints" / "1")
     assert_trees_equal(step_params, states[1].params)
 
-    export = ckpt.export_params(workdir / "checkpoints" / "1", tmp_path / "export")
+    export = model_store.export_params(workdir / "checkpoints" / "1", tmp_path / "export")
     assert (export / "tokenizer.json").read_text() == '{"fake": "tokenizer"}'
-    ex_params, ex_spec = ckpt.resolve_model_path(export)
+    ex_params, ex_spec = model_store.load_model(export)
     assert_trees_equal(ex_params, states[1].params)
     assert ex_spec["model"] == SPEC["model"]
-    assert ckpt.locate_model(export).kind == "export"
+    assert model_store.locate_model(export).kind == "export"
 
     soup = ckpt.save_params(tmp_path / "soup", ex_params, ex_spec, extra_files={"soup.json": {"method": "x"}})
-    soup_params, _ = ckpt.resolve_model_path(soup)
+    soup_params, _ = model_store.load_model(soup)
     assert_trees_equal(soup_params, states[1].params)
-    meta = ckpt.param_metadata(workdir)
+    meta = model_store.param_metadata(workdir)
     assert meta["embed"] == ((16, 8), np.dtype(jnp.bfloat16))
 
 
 def test_resolve_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ckpt.resolve_model_path(tmp_path / "nope")
+        model_store.load_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a saved model"):
-        ckpt.resolve_model_path(tmp_path / "empty")
+        model_store.load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="not a parameter export"):
         ckpt.load_params(tmp_path / "empty")
     write_workdir(tmp_path / "w", steps=(1,), async_save=False)
     with pytest.raises(ValueError, match="recorded metric 'score'"):
-        ckpt.resolve_model_path(tmp_path / "w", best_metric="score")
+        model_store.load_model(tmp_path / "w", best_metric="score")
     _corrupt(tmp_path / "w" / "checkpoints" / "1", "missing_item")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        ckpt.resolve_model_path(tmp_path / "w")
+        model_store.load_model(tmp_path / "w")
     with pytest.raises(ValueError, match="unusable"):
-        ckpt.resolve_model_path(tmp_path / "w" / "checkpoints" / "1")
+        model_store.load_model(tmp_path / "w" / "checkpoints" / "1")
     (tmp_path / "w2" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError):
         ckpt.TrainCheckpointer(tmp_path / "w2", max_to_keep=0)

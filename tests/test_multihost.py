@@ -63,10 +63,10 @@ def test_two_processes_match_one_process(tmp_path):
     for step in l1:
         assert abs(l1[step] - l2[step]) <= 1e-5, (step, l1[step], l2[step])
 
-    from embedder.checkpoint import resolve_model_path
+    from embedder.model_store import load_model
 
-    p1, spec1 = resolve_model_path(str(one))
-    p2, spec2 = resolve_model_path(str(two))
+    p1, spec1 = load_model(str(one))
+    p2, spec2 = load_model(str(two))
     assert spec1 == spec2
     flat1 = jax.tree_util.tree_leaves_with_path(p1)
     flat2 = jax.tree_util.tree_leaves_with_path(p2)

@@ -248,9 +248,9 @@ def test_nan_loss_stops_and_keeps_last_finite_checkpoint(root):
     assert steps and max(steps) < bad_step, (steps, last)
     assert f"last good checkpoint (step {max(steps)})" in last, last
     assert not (workdir / "export").exists()
-    from embedder.checkpoint import resolve_model_path
+    from embedder.model_store import load_model
 
-    params, _ = resolve_model_path(workdir / "checkpoints" / str(max(steps)))
+    params, _ = load_model(workdir / "checkpoints" / str(max(steps)))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedder import checkpoint, soup
+from embedder import checkpoint, model_store, soup
 
 SPEC = {"model": {"family": "bert", "hidden": 8}, "tokenizer": {"kind": "wordpiece", "file": "tokenizer.json"},
         "prompts": None}
@@ -170,9 +170,9 @@ def test_cli_writes_loadable_soup(tmp_path, capsys):
     assert soup.main(["--out", str(out), "--method", "weighted", "--weights", "1,1", *paths]) == 0
     report = json.loads((out / "soup.json").read_text())
     assert report["method"] == "weighted" and len(report["ingredients"]) == 2
-    loaded, spec = checkpoint.resolve_model_path(out)
+    loaded, spec = model_store.load_model(out)
     assert_bitwise(loaded, reference(ingredients, [0.5, 0.5]))
-    assert checkpoint.locate_model(out).kind == "export"
+    assert model_store.locate_model(out).kind == "export"
     assert soup.main(["--out", str(out), *paths]) == 2
     assert "already holds a parameter export" in capsys.readouterr().err
     assert soup.main(["--out", str(tmp_path / "g"), "--method", "greedy", *paths]) == 2
@@ -216,7 +216,7 @@ def test_hf_folder_ingredients(tmp_path, capsys):
                                                                          ("hf", str(folders[1]))]
     weights = [e["weight"] for e in written["ingredients"]]
     assert weights == pytest.approx([w, 1 - w])
-    loaded, _ = checkpoint.resolve_model_path(out)
+    loaded, _ = model_store.load_model(out)
     assert_bitwise(loaded, reference([a, b], weights))
     raw = [load_file(str(f / "model.safetensors"))["embeddings.word_embeddings.weight"] for f in folders]
     np.testing.assert_array_equal(np.asarray(loaded["encoder"]["word_embedding"]),
@@ -289,7 +289,7 @@ def test_scanned_and_unrolled_ingredients_soup_in_the_first_layout(tmp_path):
     # HF folder first: the soup is unrolled, with the folder's spec (on the host).
     params, spec, _ = soup.make_soup([hf_a, scanned], method="weighted", weights=[1, 3], shard=False)
     assert_bitwise(params, reference([a_unrolled, b_unrolled], [0.25, 0.75]))
-    assert spec == checkpoint.load_spec(checkpoint.locate_model(hf_a))
+    assert spec == model_store.load_spec(model_store.locate_model(hf_a))
     assert spec["model"]["scan_layers"] is False
 
     # Scanned export first: the soup is scanned, with the export's spec, placed (sharded) as
@@ -298,13 +298,13 @@ def test_scanned_and_unrolled_ingredients_soup_in_the_first_layout(tmp_path):
     assert_bitwise(params, reference([b_scanned, a_scanned], [0.75, 0.25]))
     assert spec == b_spec
     assert [e["kind"] for e in report["ingredients"]] == ["export", "hf"]
-    placed = soup.auto_shardings(checkpoint.locate_model(scanned))
+    placed = soup.auto_shardings(model_store.locate_model(scanned))
     jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), params, placed)
     assert len(params["encoder"]["layers"]["mlp"]["up"]["w"].sharding.device_set) == 8
 
     # The soup written in the scanned layout loads back as such (the spec agrees with the tree).
     out = soup.write_soup(tmp_path / "soup", params, spec, report)
-    loaded, loaded_spec = checkpoint.resolve_model_path(out)
+    loaded, loaded_spec = model_store.load_model(out)
     assert loaded_spec["model"]["scan_layers"] is True
     assert_bitwise(loaded, reference([b_scanned, a_scanned], [0.75, 0.25]))
 

@@ -13,6 +13,7 @@ import tempfile
 import jax
 import numpy as np
 
+from embedder.checkpoint import save_params
 from embedder.convert.hf_config import config_from_hf
 from embedder.convert.hf_mapping import (TensorRule, canonical_name, encoder_rules, find_prefix,
                                          get_path, head_rules, set_path)
@@ -25,8 +26,8 @@ _ST_TYPES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
 @dataclasses.dataclass
-class HFModel:
-    """A HF folder read into our terms; `tokenizer_file` is an absolute path."""
+class ConvertedModel:
+    """A HF folder or GGUF file read into our terms; `tokenizer_file` is an absolute path."""
 
     params: dict
     config: ModelConfig
@@ -144,16 +145,28 @@ def _tokenizer_spec(folder: pathlib.Path, cfg: ModelConfig, max_length: int, scr
             path = pathlib.Path(scratch()) / "tokenizer.json"
             tok.save(str(path))
         return {"kind": "wordpiece", "file": str(path.resolve()), "max_length": max_length}, path
-    path = folder / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer.model; Gemma-family models are tokenised with their "
-            "SentencePiece model - copy tokenizer.model from the original checkpoint into the folder")
     specials = _post_processor_specials(folder / "tokenizer.json")
     if specials is None:
         specials = (bool(tok_cfg.get("add_bos_token", True)), bool(tok_cfg.get("add_eos_token", False)))
-    return ({"kind": "sentencepiece", "file": str(path.resolve()), "max_length": max_length,
-             "add_bos": specials[0], "add_eos": specials[1]}, path)
+    path = folder / "tokenizer.model"
+    if path.is_file():
+        return ({"kind": "sentencepiece", "file": str(path.resolve()), "max_length": max_length,
+                 "add_bos": specials[0], "add_eos": specials[1]}, path)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has neither tokenizer.model nor tokenizer.json; copy the tokenizer "
+                                "files from the original checkpoint into the folder")
+    names = {k: _token_content(tok_cfg.get(k), default)
+             for k, default in (("bos_token", "<bos>"), ("eos_token", "<eos>"), ("pad_token", "<pad>"))}
+    return ({"kind": "tokenizer_json", "file": str(path.resolve()), "max_length": max_length,
+             "add_bos": specials[0], "add_eos": specials[1], **names}, path)
+
+
+def _token_content(value, default: str) -> str:
+    """A tokenizer_config.json special-token entry: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else default
 
 
 def _prompt_template(prompt: str, side: str) -> str:
@@ -216,7 +229,7 @@ def _dense_dims(path: pathlib.Path) -> int:
     return int(cfg["out_features"])
 
 
-def read_hf_folder(src, *, dtype=np.float32, shapes_only: bool = False, **config_overrides) -> HFModel:
+def read_hf_folder(src, *, dtype=np.float32, shapes_only: bool = False, **config_overrides) -> ConvertedModel:
     """Reads a transformers folder (Gemma/Gemma2/Gemma3 text/BERT) or a sentence-transformers
     folder (Transformer, Pooling, Dense..., Normalize) into params, config and spec.
 
@@ -268,7 +281,7 @@ def read_hf_folder(src, *, dtype=np.float32, shapes_only: bool = False, **config
 
     tok_spec, tok_file = _tokenizer_spec(body, cfg, int(max_length), scratch)
     spec = {"model": cfg.to_dict(), "tokenizer": tok_spec, "prompts": _prompts(src)}
-    return HFModel(params=params, config=cfg, spec=spec, tokenizer_file=tok_file)
+    return ConvertedModel(params=params, config=cfg, spec=spec, tokenizer_file=tok_file)
 
 
 def convert_from_hf(src, dst, *, overwrite: bool = False, scan_layers: bool = False) -> pathlib.Path:
@@ -276,8 +289,6 @@ def convert_from_hf(src, dst, *, overwrite: bool = False, scan_layers: bool = Fa
 
     `scan_layers=True` writes the scanned layout (`encoder/layers`, stacked) and says so in the
     spec, for training with `model.scan_layers`."""
-    from embedder.checkpoint import save_params
-
     model = read_hf_folder(src, scan_layers=scan_layers)
     return save_params(dst, model.params, model.spec, tokenizer_file=model.tokenizer_file,
                        overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 WordPiece: the model's tokenizer.json (with our `[CLS] ... [SEP]` template), vocab.txt.
 SentencePiece: tokenizer.model plus a tokenizer.json built from the SentencePiece proto.
+tokenizer.json (Gemma folders without tokenizer.model): the file with our BOS / EOS template.
 """
 
 from __future__ import annotations
@@ -131,8 +132,25 @@ def write_tokenizer_files(tokenizer_spec: dict, source: pathlib.Path, dst: pathl
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
                   **special, **common}
         special_ids = _special_ids(special, tok)
+    elif kind == "tokenizer_json":
+        add_bos, add_eos = bool(tokenizer_spec.get("add_bos", True)), bool(tokenizer_spec.get("add_eos", False))
+        names = {k: tokenizer_spec.get(k, default)
+                 for k, default in (("bos_token", "<bos>"), ("eos_token", "<eos>"), ("pad_token", "<pad>"))}
+        tok = Tokenizer.from_file(str(source))
+        tok.no_truncation()
+        tok.no_padding()
+        # The file's own template may disagree with the spec; ours adds exactly what we add.
+        tok.post_processor = _post_processor(
+            (names["bos_token"], tok.token_to_id(names["bos_token"])) if add_bos else None,
+            (names["eos_token"], tok.token_to_id(names["eos_token"])) if add_eos else None)
+        tok.save(str(dst / "tokenizer.json"))
+        special = {k: v for k, v in names.items() if tok.token_to_id(v) is not None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
+                  **special, **common}
+        special_ids = _special_ids(special, tok)
     else:
-        raise ValueError(f"tokenizer kind {kind!r} cannot be exported; use 'wordpiece' or 'sentencepiece'")
+        raise ValueError(f"tokenizer kind {kind!r} cannot be exported; use 'wordpiece', 'sentencepiece' or "
+                         "'tokenizer_json'")
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (dst / "special_tokens_map.json").write_text(
         json.dumps({k: v for k, v in config.items() if k.endswith("_token")}, indent=2) + "\n",

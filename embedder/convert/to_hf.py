@@ -17,6 +17,7 @@ from embedder.convert.hf_mapping import params_to_hf
 from embedder.convert.hf_tokenizer import write_tokenizer_files
 from embedder.data.prompts import DEFAULT_TASK, Prompts
 from embedder.model.config import ModelConfig
+from embedder.model_store import load_model
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,7 @@ def convert_to_hf(src, dst, *, overwrite: bool = False,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Converts any saved model at `src` into a Hugging Face folder at `dst`; returns `dst`."""
     src = pathlib.Path(src)
-    from embedder.inference import load_params_and_spec
-
-    params, spec = load_params_and_spec(src)
+    params, spec = load_model(src)
     if "model" not in spec or "tokenizer" not in spec:
         raise ValueError(f"{src}: its model spec lacks 'model' or 'tokenizer' ({sorted(spec)})")
     src_abs, dst_abs = src.absolute(), pathlib.Path(dst).absolute()

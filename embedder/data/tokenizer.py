@@ -1,6 +1,7 @@
 """Tokenizers behind one small protocol: prompt-preserving truncation, special tokens, padding.
 
-SentencePiece serves the Gemma family; HF `tokenizers` serves BERT-family checkpoints.
+SentencePiece serves the Gemma family; HF `tokenizers` files serve BERT-family checkpoints and
+Gemma-family folders that ship only a `tokenizer.json`.
 """
 from __future__ import annotations
 
@@ -122,15 +123,16 @@ class SentencePieceTokenizer:
                 "add_bos": self.add_bos, "add_eos": self.add_eos}
 
 
-class WordPieceTokenizer:
-    """BERT-family tokenizer from a HF `tokenizer.json`: `[CLS] prompt+text [SEP]`.
+class TokenizerJson:
+    """Any HF `tokenizers` file (e.g. a Gemma BPE `tokenizer.json`): `bos prompt+text eos`, with
+    the BOS / EOS / PAD tokens named in the spec. Special tokens written in the text are matched,
+    as transformers' tokenizer of that file matches them."""
 
-    Normalisation (lower-casing, accent stripping) is whatever the tokenizer.json says.
-    """
+    family = "tokenizer_json"
 
-    family = "wordpiece"
-
-    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int = 512):
+    def __init__(self, tokenizer_json: str | os.PathLike, *, add_bos: bool = True, add_eos: bool = False,
+                 bos_token: str | None = "<bos>", eos_token: str | None = "<eos>", pad_token: str = "<pad>",
+                 max_length: int = 512):
         from tokenizers import Tokenizer as HFTokenizer
 
         tokenizer_json = pathlib.Path(tokenizer_json)
@@ -144,15 +146,20 @@ class WordPieceTokenizer:
         self._tok.no_padding()
         self.max_length = int(max_length)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        ids = {name: self._tok.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]", "[UNK]")}
-        missing = [name for name in ("[CLS]", "[SEP]", "[PAD]") if ids[name] is None]
+        self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
+        self.tokens = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+        wanted = {"pad": pad_token, "bos": bos_token if add_bos else None, "eos": eos_token if add_eos else None}
+        ids = {k: (self._tok.token_to_id(v) if v is not None else None) for k, v in wanted.items()}
+        missing = [wanted[k] or f"<{k} token>" for k in wanted
+                   if ids[k] is None and (k == "pad" or getattr(self, f"add_{k}"))]
         if missing:
-            raise ValueError(f"{tokenizer_json} lacks the BERT special token(s) {missing}; "
-                             "WordPieceTokenizer expects a BERT-family tokenizer.json")
-        self.cls_id, self.sep_id, self.pad_id = ids["[CLS]"], ids["[SEP]"], ids["[PAD]"]
-        self.unk_id = ids["[UNK]"]
+            raise ValueError(f"{tokenizer_json} lacks the special token(s) {missing} the tokenizer spec names; "
+                             "set bos_token / eos_token / pad_token in the spec to tokens of this vocabulary")
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
 
-    num_special = 2
+    @property
+    def num_special(self) -> int:
+        return int(self.add_bos) + int(self.add_eos)
 
     def encode(self, texts, max_length=None, prefixes=None) -> list[list[int]]:
         texts, prefixes, max_length = _check_inputs(texts, prefixes, max_length, self.max_length,
@@ -162,11 +169,35 @@ class WordPieceTokenizer:
         unique_prefixes = sorted(set(prefixes))
         enc = self._tok.encode_batch(unique_prefixes, add_special_tokens=False)
         prefix_lens = {p: len(e.ids) for p, e in zip(unique_prefixes, enc)}
-        return [[self.cls_id] + _truncate(e.ids, prefix_lens[p], budget, p) + [self.sep_id]
-                for e, p in zip(joint, prefixes)]
+        head = [self.bos_id] if self.add_bos else []
+        tail = [self.eos_id] if self.add_eos else []
+        return [head + _truncate(e.ids, prefix_lens[p], budget, p) + tail for e, p in zip(joint, prefixes)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def spec(self) -> dict:
+        return {"kind": "tokenizer_json", "file": self.model_file.name, "max_length": self.max_length,
+                "add_bos": self.add_bos, "add_eos": self.add_eos, "bos_token": self.tokens["bos"],
+                "eos_token": self.tokens["eos"], "pad_token": self.tokens["pad"]}
+
+
+class WordPieceTokenizer(TokenizerJson):
+    """BERT-family tokenizer from a HF `tokenizer.json`: `[CLS] prompt+text [SEP]`.
+
+    Normalisation (lower-casing, accent stripping) is whatever the tokenizer.json says.
+    """
+
+    family = "wordpiece"
+
+    def __init__(self, tokenizer_json: str | os.PathLike, max_length: int = 512):
+        try:
+            super().__init__(tokenizer_json, add_bos=True, add_eos=True, bos_token="[CLS]", eos_token="[SEP]",
+                             pad_token="[PAD]", max_length=max_length)
+        except ValueError as e:
+            raise ValueError(f"{e}; WordPieceTokenizer expects a BERT-family tokenizer.json") from None
+        self.cls_id, self.sep_id = self.bos_id, self.eos_id
+        self.unk_id = self._tok.token_to_id("[UNK]")
 
     def spec(self) -> dict:
         return {"kind": "wordpiece", "file": self.model_file.name, "max_length": self.max_length}
@@ -191,8 +222,9 @@ def _resolve_file(name: str, base_dir) -> pathlib.Path:
 def load_tokenizer(spec: dict, base_dir=None) -> Tokenizer:
     """Builds the tokenizer that a model spec's `tokenizer` entry describes.
 
-    `spec`: {"kind": "sentencepiece"|"wordpiece", "file": ..., "max_length": 512,
-    "add_bos": True, "add_eos": True}. `file` is absolute, relative to `base_dir`,
+    `spec`: {"kind": "sentencepiece"|"wordpiece"|"tokenizer_json", "file": ..., "max_length": 512,
+    "add_bos": True, "add_eos": True} (`tokenizer_json` also takes `bos_token`, `eos_token`,
+    `pad_token`). `file` is absolute, relative to `base_dir`,
     or the name of a file in `embedder/assets/` (e.g. "debian_sp8k.model").
     """
     if not isinstance(spec, dict):
@@ -207,7 +239,12 @@ def load_tokenizer(spec: dict, base_dir=None) -> Tokenizer:
                                       add_eos=spec.get("add_eos", True), max_length=max_length)
     if kind == "wordpiece":
         return WordPieceTokenizer(path, max_length=max_length)
-    raise ValueError(f"tokenizer spec kind {kind!r} is unknown; use 'sentencepiece' or 'wordpiece'")
+    if kind == "tokenizer_json":
+        named = {k: spec[k] for k in ("bos_token", "eos_token", "pad_token") if k in spec}
+        return TokenizerJson(path, add_bos=spec.get("add_bos", True), add_eos=spec.get("add_eos", False),
+                             max_length=max_length, **named)
+    raise ValueError(f"tokenizer spec kind {kind!r} is unknown; use 'sentencepiece', 'wordpiece' or "
+                     "'tokenizer_json'")
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, buckets: Sequence[int] | None = None,

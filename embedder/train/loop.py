@@ -23,6 +23,7 @@ from embedder import sharding
 # ConfigError and check_config are re-exported (they lived here before config.py).
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
 from embedder.train.batches import token_counts
+from embedder.train.init_from import load_init_params, source_tokenizer
 from embedder.train.preemption import Preemption
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
@@ -87,24 +88,6 @@ def _log_memory(compiled, key) -> None:
              _format_bytes(mem.temp_size_in_bytes))
 
 
-def _load_init_params(path: str, state_shardings, model_config) -> Any:
-    """Parameters of `config.init_from` (any saved model or HF folder), placed on the mesh
-    in the layer layout `model_config.scan_layers` asks for (HF folders are unrolled)."""
-    from embedder.inference import load_params_and_spec
-    from embedder.model.layer_stack import match_layer_layout
-
-    params, _ = load_params_and_spec(path)
-    params = match_layer_layout(params, model_config)
-    target = state_shardings.params
-    ref_struct = jax.tree_util.tree_structure(target)
-    if jax.tree_util.tree_structure(params) != ref_struct:
-        raise ValueError(
-            f"init_from={path}: its parameter tree does not match config.model "
-            f"({jax.tree_util.tree_structure(params)} vs {ref_struct}); set config.model to the "
-            "architecture of that checkpoint (e.g. model_config_dict('minilm-l6'))")
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, target)
-
-
 class Trainer:
     """Holds everything a run needs; `run()` trains to `total_steps`."""
 
@@ -124,6 +107,10 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spec = model_spec(config)
+        tokenizer_file = None
+        if config.init_from and not config.tokenizer.file:  # the source model's own tokenizer
+            self.spec["tokenizer"], tokenizer_file = source_tokenizer(
+                config.init_from, self.workdir, config.tokenizer.max_length)
         if self.is_main:
             cfg = json.loads(config_to_json(config))
             cfg["model_spec"] = self.spec
@@ -131,7 +118,12 @@ class Trainer:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.logical_rules(config)
-        self.tokenizer = load_tokenizer(self.spec["tokenizer"], None)
+        self.tokenizer = load_tokenizer(self.spec["tokenizer"] if tokenizer_file is None else
+                                        dict(self.spec["tokenizer"], file=str(tokenizer_file)), None)
+        if self.tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(f"the tokenizer ({self.spec['tokenizer'].get('file')}) has {self.tokenizer.vocab_size} "
+                              f"pieces but config.model.vocab_size={config.model.vocab_size}: ids would fall "
+                              "outside the embedding table; use the model's own tokenizer")
         self.prompts = Prompts.from_spec(self.spec["prompts"])
         self.model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()))
         self.optimizer = make_optimizer(config.optimizer, config.total_steps)
@@ -189,9 +181,8 @@ class Trainer:
                 log.info("resumed from step %d in %s", step, self.workdir)
                 return step
         if self.config.init_from:
-            params = _load_init_params(self.config.init_from, self.state_shardings, self.model.config)
+            params, _ = load_init_params(self.config.init_from, self.state.params, self.model.config)
             self.state = self.state.replace(params=params)
-            log.info("initialised parameters from %s", self.config.init_from)
         return 0
 
     def compiled_step(self, batch):

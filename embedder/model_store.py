@@ -1,5 +1,6 @@
-"""Resolving any saved-model path (workdir, step dir, export, soup, or a Hugging Face /
-sentence-transformers folder, converted in memory) to `(params, spec)`."""
+"""The one model store: any saved model - workdir, checkpoint step, export, soup, Hugging Face /
+sentence-transformers folder, GGUF file - located and read as `(params, spec)`, in the layer
+layout a config asks for. `init_from`, `Embedder.load`, soups and `convert` all load here."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,28 +15,38 @@ from embedder.checkpoint.exports import _absolute_tokenizer, save_params
 from embedder.checkpoint.train_state import _best_step, _step_dirs, _step_metrics, _step_problem
 from embedder.checkpoint.trees import (CHECKPOINTS_DIR, CONFIG_FILE, MODEL_SPEC_FILE, PARAMS_DIR, _read_json,
                                         _restore_tree, _tree_metadata, flat_paths)
+from embedder.convert.from_gguf import is_gguf_file, read_gguf
+from embedder.convert.from_hf import is_hf_folder, read_hf_folder
+from embedder.model.config import ModelConfig
+from embedder.model.layer_stack import match_layer_layout
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelLocation:
-    """Where a saved model's parameters live: a param export (soups too), a train step, or a
-    Hugging Face / sentence-transformers folder (read through `embedder.convert.from_hf`)."""
+    """Where a saved model's parameters live: a param export (soups too), a train step, a
+    Hugging Face / sentence-transformers folder (`embedder.convert.from_hf`) or a GGUF file
+    (`embedder.convert.from_gguf`); the last two are converted in memory."""
 
-    kind: str  # "export" | "step" | "hf"
-    directory: pathlib.Path  # the export dir, the step dir, or the HF folder
+    kind: str  # "export" | "step" | "hf" | "gguf"
+    directory: pathlib.Path  # the export dir, the step dir, the HF folder, or the GGUF file
     workdir: pathlib.Path | None = None
     step: int | None = None
 
     def array_dir(self) -> tuple[pathlib.Path, str | None]:
         """The Orbax array directory and the subtree holding the params (exports and steps)."""
-        if self.kind == "hf":
-            raise ValueError(f"{self.directory} is a Hugging Face folder: its tensors are safetensors, "
-                             "not Orbax arrays (read it with load_located)")
+        if self.converted:
+            raise ValueError(f"{self.directory} is a {self.kind} model: its tensors are not Orbax arrays "
+                             "(read it with load_located)")
         if self.kind == "export":
             return self.directory / PARAMS_DIR, None
         return self.directory / "state", "params"
+
+    @property
+    def converted(self) -> bool:
+        """Read through a converter (HF folder, GGUF file) rather than from Orbax arrays."""
+        return self.kind in ("hf", "gguf")
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "path": str(self.directory)}
@@ -49,17 +60,20 @@ def _is_step_dir(path: pathlib.Path) -> bool:
 
 
 def locate_model(path, *, best_metric: str | None = None, best_mode: str = "max") -> ModelLocation:
-    """Finds the parameters behind `path`: a param export or soup, a workdir, a step dir, or a
-    Hugging Face / sentence-transformers folder (without a model.json of ours).
+    """Finds the parameters behind `path`: a param export or soup, a workdir, a step dir, a
+    Hugging Face / sentence-transformers folder (without a model.json of ours), or a GGUF file.
 
     A workdir gives its newest complete step, or with `best_metric` its best step by
     that metric (`best_mode` "max"/"min"), among complete steps.
     """
-    from embedder.convert.from_hf import is_hf_folder
-
-    path = pathlib.Path(path).absolute()
+    path = pathlib.Path(path).expanduser().absolute()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        if is_gguf_file(path):
+            return ModelLocation("gguf", path)
+        raise ValueError(f"{path} is a file but not a GGUF model; a saved model is a GGUF file or a directory "
+                         "(workdir, checkpoint step, parameter export, soup, Hugging Face folder)")
     if is_hf_folder(path) and not (path / MODEL_SPEC_FILE).is_file():
         return ModelLocation("hf", path)
     if (path / MODEL_SPEC_FILE).is_file() and (path / PARAMS_DIR).is_dir():
@@ -92,21 +106,21 @@ def locate_model(path, *, best_metric: str | None = None, best_mode: str = "max"
         hint = " (it has a spec/config but no parameters: an unfinished export or a run that never saved)"
     raise ValueError(f"{path} is not a saved model{hint}: expected a parameter export "
                      f"({PARAMS_DIR}/ + {MODEL_SPEC_FILE}), a workdir ({CHECKPOINTS_DIR}/<step>/), "
-                     f"a checkpoint step directory ({CHECKPOINTS_DIR}/<step>) or a Hugging Face / "
-                     "sentence-transformers folder (config.json with a model_type, or modules.json)")
+                     f"a checkpoint step directory ({CHECKPOINTS_DIR}/<step>), a Hugging Face / "
+                     "sentence-transformers folder (config.json with a model_type, or modules.json) "
+                     "or a GGUF file")
 
 
-def _read_hf(loc: ModelLocation, *, shapes_only: bool = False):
-    from embedder.convert.from_hf import read_hf_folder
-
-    return read_hf_folder(loc.directory, shapes_only=shapes_only)
+def _read_converted(loc: ModelLocation, *, shapes_only: bool = False):
+    read = read_gguf if loc.kind == "gguf" else read_hf_folder
+    return read(loc.directory, shapes_only=shapes_only)
 
 
 def load_spec(loc: ModelLocation) -> dict:
     """The model spec of a located model (model.json, else the step's or workdir's train config;
-    an HF folder's is converted from its config files)."""
-    if loc.kind == "hf":
-        return _read_hf(loc, shapes_only=True).spec
+    an HF folder's or GGUF file's is converted from its config / metadata)."""
+    if loc.converted:
+        return _read_converted(loc, shapes_only=True).spec
     if loc.kind == "export":
         return _absolute_tokenizer(_read_json(loc.directory / MODEL_SPEC_FILE), loc.directory)
     candidates = [loc.directory / "config" / "metadata", loc.workdir / CONFIG_FILE]
@@ -124,25 +138,33 @@ def load_spec(loc: ModelLocation) -> dict:
 def load_located(loc: ModelLocation, shardings=None):
     """`(params, spec)` of a located model; with `shardings` (a matching tree) the params are
     placed on devices, else they come back as host numpy arrays."""
-    if loc.kind == "hf":
-        hf = _read_hf(loc)
-        return (hf.params if shardings is None else jax.device_put(hf.params, shardings)), hf.spec
+    if loc.converted:
+        model = _read_converted(loc)
+        return (model.params if shardings is None else jax.device_put(model.params, shardings)), model.spec
     spec = load_spec(loc)
     array_dir, subtree = loc.array_dir()
     params = _restore_tree(array_dir, _tree_metadata(array_dir), shardings, subtree=subtree)
     return params, spec
 
 
-def resolve_model_path(path, *, best_metric: str | None = None, best_mode: str = "max", shardings=None):
-    """`(params, spec)` of a workdir (newest or best step), step dir, param export or soup, or
-    a Hugging Face / sentence-transformers folder (converted in memory)."""
-    return load_located(locate_model(path, best_metric=best_metric, best_mode=best_mode), shardings)
+def load_model(path, *, config: ModelConfig | None = None, best_metric: str | None = None,
+               best_mode: str = "max", shardings=None):
+    """`(params, spec)` of a workdir (newest or best step), step dir, param export or soup, a
+    Hugging Face / sentence-transformers folder or a GGUF file (converted in memory).
+
+    With `config` the params come in the layer layout it asks for (`scan_layers`): stacked or
+    unrolled whatever layout they were saved in. `shardings` (a tree matching the saved params'
+    layout) places them on devices; else they are host arrays."""
+    params, spec = load_located(locate_model(path, best_metric=best_metric, best_mode=best_mode), shardings)
+    if config is not None:
+        params = match_layer_layout(params, config)
+    return params, spec
 
 
 def export_params(workdir_or_step, out_dir, *, best_metric: str | None = None, best_mode: str = "max",
                   overwrite: bool = False) -> pathlib.Path:
     """Writes a parameter-only export of a train checkpoint (or re-exports any saved model)."""
-    params, spec = resolve_model_path(workdir_or_step, best_metric=best_metric, best_mode=best_mode)
+    params, spec = load_model(workdir_or_step, best_metric=best_metric, best_mode=best_mode)
     tok = (spec.get("tokenizer") or {}).get("file")
     tokenizer_file = tok if tok and pathlib.Path(tok).is_file() else None
     return save_params(out_dir, params, spec, tokenizer_file=tokenizer_file, overwrite=overwrite)
@@ -151,8 +173,8 @@ def export_params(workdir_or_step, out_dir, *, best_metric: str | None = None, b
 def param_tree_metadata(path_or_location):
     """The params tree of a saved model with metadata leaves (`.shape`, `.dtype`), no arrays read."""
     loc = path_or_location if isinstance(path_or_location, ModelLocation) else locate_model(path_or_location)
-    if loc.kind == "hf":
-        return _read_hf(loc, shapes_only=True).params
+    if loc.converted:
+        return _read_converted(loc, shapes_only=True).params
     array_dir, subtree = loc.array_dir()
     tree = _tree_metadata(array_dir)
     return tree[subtree] if subtree else tree
