@@ -128,7 +128,30 @@ def test_compile_only_bad_mesh_is_a_clear_error(capsys):
     c = _tiny_config()
     c.mesh.shape = (3, -1, 1)
     assert co.compile_only(c) == 2
-    assert "cannot auto-fill mesh axis" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cannot auto-fill mesh axis" in out and "8 local cpu devices; pass --topology" in out
+
+
+def _pod_config(name, stage="prefinetune"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(stage)
+
+
+@pytest.mark.parametrize("flag,want", [("", "v5e:4x4"), ("v5e:2x2", "v5e:2x2")])
+def test_pod_config_compiles_for_its_own_topology_unless_told(monkeypatch, capsys, flag, want):
+    asked = []
+
+    def stop_at_devices(topo):   # the real devices need libtpu; the choice of topology is tested here
+        asked.append(topo.name)
+        raise co.CompileOnlyError(f"stopped before compiling for {topo.name}")
+
+    monkeypatch.setattr(co, "topology_devices", stop_at_devices)
+    assert co.compile_only(_pod_config("pod_gemma3_1b"), topology=flag) == 2
+    out = capsys.readouterr().out
+    assert asked == [want] and "cannot auto-fill" not in out, out
+    assert ("compiling for the config's topology v5e:4x4 (pass --topology" in out) == (not flag), out
 
 
 @needs_libtpu
@@ -138,6 +161,15 @@ def test_compile_tiny_config_for_v5e_2x2(capsys):
     assert co.compile_only(c, topology="v5e:2x2") == 0
     out = capsys.readouterr().out
     assert "v5e:2x2 x1 slice(s), 4 devices" in out and "of HBM 15.75 GiB" in out
+
+
+@needs_libtpu
+def test_config_topology_is_the_default_target(capsys):
+    c = _tiny_config()
+    c.mesh.shape = (2, 2, 1)
+    c.topology = "v5e:2x2"
+    assert co.compile_only(c) == 0
+    assert "v5e:2x2 x1 slice(s), 4 devices" in capsys.readouterr().out
 
 
 @needs_libtpu

@@ -18,7 +18,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, chec
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "AOT-compile the train step, print its memory use and FLOPs, and exit.")
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "", "With --compile_only: a TPU topology such as v5e:4x4 or v5p:4x4x4 (needs the tpu extra).")
+    "topology", "", "With --compile_only: a TPU topology such as v5e:4x4 or v5p:4x4x4 (needs the tpu extra); "
+    "default: the config's `topology` field (the pod configs name theirs), else the local devices.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host; launch/ scripts set this).")

@@ -359,10 +359,18 @@ def format_report(r: CompileReport, peak_flops: float | None = None) -> str:
 
 
 def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
-    """The `--compile_only` command: compile, print the report, return the exit code (0 = fits)."""
+    """The `--compile_only` command: compile, print the report, return the exit code (0 = fits).
+
+    Without `topology` a config that names its target (`config.topology`, the pod configs)
+    compiles for that; one that does not compiles for the local devices.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Orbax logs every read/write step at INFO through absl; keep its warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if not topology and config.get("topology"):
+        topology = config.topology
+        print(f"compile_only: no --topology given, compiling for the config's topology {topology} "
+              "(pass --topology to choose another)")
     try:
         if topology:
             topo = parse_topology(topology, num_slices)
@@ -374,7 +382,12 @@ def compile_only(config, topology: str = "", num_slices: int = 1) -> int:
         else:
             if num_slices != 1:
                 raise CompileOnlyError("--num_slices needs --topology")
-            report = compile_train_step(config)
+            try:
+                report = compile_train_step(config)
+            except sharding.ShardingError as e:
+                raise CompileOnlyError(
+                    f"{e} (compiling for the {len(jax.devices())} local {jax.devices()[0].platform} "
+                    "devices; pass --topology, e.g. --topology v5e:4x4, to compile for a TPU slice)") from e
             peak = None
     except (CompileOnlyError, sharding.ShardingError) as e:
         print(f"compile_only: {e}")
