@@ -7,10 +7,10 @@ WORKDIR ?= workdir/demo
 
 .PHONY: demo test bench venv clean
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,torch,synth]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,torch,synth,tpu]'
 	touch $(STAMP)
 
 venv: $(STAMP)
