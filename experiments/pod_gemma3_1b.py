@@ -12,11 +12,15 @@ Check it fits, here or anywhere (needs the `tpu` extra, no TPU):
     python -m embedder.train --config experiments/pod_gemma3_1b.py:prefinetune --compile_only --topology v5e:4x4
 
 Run it (tpu_vm.sh mounts the gs:// workdir's bucket with gcsfuse at ~/gcs/BUCKET on every worker,
-so training data in that bucket is read from the mount; start from a converted Gemma 3
-checkpoint with --config.init_from):
+so training data in that bucket is read from the mount). Start from the pretrained Gemma 3:
+convert it once (`python -m embedder.convert from-hf PATH/gemma-3-1b-pt gemma3_1b`, or
+`from-gguf FILE.gguf gemma3_1b`), copy the export to the bucket and pass it as init_from; the
+3072 -> 768 projection starts fresh from the run's seed, and an empty tokenizer.file takes the
+checkpoint's own tokenizer:
 
     launch/tpu_vm.sh --name emb1b --zone ZONE --accelerator v5litepod-16 --workdir gs://BUCKET/emb1b \\
-        -- --config experiments/pod_gemma3_1b.py:prefinetune --config.tokenizer.file=/path/gemma3/tokenizer.model \\
+        -- --config experiments/pod_gemma3_1b.py:prefinetune \\
+           --config.init_from=/home/USER/gcs/BUCKET/gemma3_1b --config.tokenizer.file= \\
            --config.data.datasets='[{"name": "pairs", "files": ["/home/USER/gcs/BUCKET/pairs-*.jsonl.gz"]}]'
 """
 

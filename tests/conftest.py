@@ -23,3 +23,17 @@ def repo_root():
 @pytest.fixture(scope="session")
 def debian_dir():
     return DATA
+
+
+def write_debian_pairs(path: pathlib.Path, n: int) -> pathlib.Path:
+    """The first `n` shipped Debian training pairs as a `{query, positive}` JSONL file."""
+    import gzip
+    import itertools
+    import json
+
+    with gzip.open(DATA / "train_pairs.jsonl.gz", "rt", encoding="utf-8") as f, \
+            open(path, "w", encoding="utf-8") as out:
+        for line in itertools.islice(f, n):
+            r = json.loads(line)
+            out.write(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n")
+    return path

@@ -1,14 +1,13 @@
 """`data.packing` end to end: a tiny packed training run, packing with the gradient cache,
 the packed compile-only shapes, and token counts of packed and padded batches."""
-import gzip
 import importlib.util
-import itertools
 import json
 import math
 
 import numpy as np
 import pytest
 
+from conftest import write_debian_pairs
 from embedder.data.packing import pack_batch
 from embedder.train import compile_only as co
 from embedder.train import loop
@@ -26,15 +25,9 @@ def _tiny_config(pairs, repo_root, **changes):
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory, repo_root):
+def pairs(tmp_path_factory):
     """100 shipped Debian pairs as JSONL; the prepared dataset lives beside it."""
-    path = tmp_path_factory.mktemp("packed") / "pairs.jsonl"
-    with gzip.open(repo_root / "data" / "debian" / "train_pairs.jsonl.gz", "rt", encoding="utf-8") as f, \
-            open(path, "w", encoding="utf-8") as out:
-        for line in itertools.islice(f, 100):
-            r = json.loads(line)
-            out.write(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n")
-    return path
+    return write_debian_pairs(tmp_path_factory.mktemp("packed") / "pairs.jsonl", 100)
 
 
 def test_packed_run_trains_and_logs_finite_losses(pairs, repo_root, tmp_path, caplog):

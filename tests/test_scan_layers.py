@@ -271,7 +271,7 @@ def test_unrolled_export_loads_into_a_scanned_run_and_embedder(tmp_path, repo_ro
 
     from embedder import Embedder
     from embedder.checkpoint import save_params
-    from embedder.train.loop import _load_init_params
+    from embedder.train.init_from import load_init_params
 
     cfg = _config("gemma")
     params = _params(cfg, seed=5)
@@ -286,8 +286,9 @@ def test_unrolled_export_loads_into_a_scanned_run_and_embedder(tmp_path, repo_ro
     abstract = jax.eval_shape(lambda: nn.meta.unbox(
         EmbeddingModel(scanned_cfg).init(jax.random.key(0), ids, mask)["params"]))
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    shardings = type("S", (), {"params": jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)})
-    loaded = _load_init_params(str(tmp_path / "export"), shardings, scanned_cfg)
+    fresh = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), NamedSharding(mesh, P())), abstract)
+    loaded, report = load_init_params(str(tmp_path / "export"), fresh, scanned_cfg)
+    assert report.fresh == () and report.unused == ()
     expected = stack_layers(params, scanned_cfg)
     assert jax.tree.structure(loaded) == jax.tree.structure(expected)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, expected)

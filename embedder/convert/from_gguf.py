@@ -114,6 +114,8 @@ def hf_config_from_gguf(fields: dict, source: str, vocab_size: int) -> dict:
         value = fields.get(f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"{source}: GGUF metadata lacks {arch}.{key}")
+        if isinstance(value, float):  # stored as float32: 1e-6 reads back as 9.99999997e-07
+            value = float(str(np.float32(value)))
         return value
 
     n_layers, hidden, heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))

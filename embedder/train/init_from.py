@@ -39,13 +39,12 @@ def _fresh_allowed(path: str) -> bool:
     return path.startswith(FRESH_PREFIXES)
 
 
-def merge_params(source: dict, fresh, *, source_name: str):
-    """`fresh` (the run's seeded initialisation) with every parameter `source` has put in its place.
-
-    The source may lack only head parameters (`FRESH_PREFIXES`), which keep their fresh values,
-    and may hold head parameters the run does not have, which are left out; every other
-    difference, and any shape mismatch, is an `InitFromError` naming the first path. Source
-    values take the fresh leaf's dtype and sharding."""
+def check_source(source, fresh, *, source_name: str) -> InitReport:
+    """Checks that a source params tree can start a run whose seeded params are `fresh` (leaves
+    with `.shape`: arrays or `jax.ShapeDtypeStruct`s): the source may lack only head parameters
+    (`FRESH_PREFIXES`), which start fresh, and may hold head parameters the run does not have,
+    which are left out; every other difference, and any shape mismatch, is an `InitFromError`
+    naming the first path, both shapes and the fix."""
     src, ours = flat_paths(source), flat_paths(fresh)
     missing = sorted(set(ours) - set(src))
     extra = sorted(set(src) - set(ours))
@@ -62,9 +61,17 @@ def merge_params(source: dict, fresh, *, source_name: str):
         if path in src and tuple(np.shape(src[path])) != tuple(leaf.shape):
             raise InitFromError(f"init_from={source_name}: parameter {path} has shape {tuple(np.shape(src[path]))} "
                                 f"there but {tuple(leaf.shape)} in config.model - {fix}")
+    return InitReport(tuple(missing), tuple(extra))
+
+
+def merge_params(source: dict, fresh, *, source_name: str):
+    """`fresh` (the run's seeded initialisation, on devices) with every parameter `source` has put
+    in its place, after `check_source`; source values take the fresh leaf's dtype and sharding."""
+    report = check_source(source, fresh, source_name=source_name)
+    src = flat_paths(source)
     leaves = [jax.device_put(np.asarray(src[p]).astype(leaf.dtype), leaf.sharding) if p in src else leaf
-              for p, leaf in ours.items()]
-    return jax.tree.unflatten(jax.tree.structure(fresh), leaves), InitReport(tuple(missing), tuple(extra))
+              for p, leaf in flat_paths(fresh).items()]
+    return jax.tree.unflatten(jax.tree.structure(fresh), leaves), report
 
 
 def _config_differences(source_model: dict, model_config: ModelConfig) -> list[str]:
