@@ -327,3 +327,35 @@ def test_missing_text_ids_with_mask_duplicates_is_an_error(missing):
                     lowered()
             else:
                 lowered()   # without the mask the hashes are not needed
+
+
+def test_frozen_parameters_get_no_gradient_computed_and_train_as_before():
+    """`frozen` in make_train_step stops the gradient of frozen leaves (no scatter into the embedding
+    table's gradient); the run equals the optimizer-only freezing it replaces."""
+    from embedder.train.step import make_grad_fn
+
+    frozen = ("^embedding$",)
+    opt = dict(OPT, frozen=frozen)
+    model = StandInEncoder()
+    batch = make_batch(0)
+    params = nn.meta.unbox(model.init(jax.random.key(0), batch["query_ids"], batch["query_mask"])["params"])
+    table_gradient = f"f32[{VOCAB},32] = scatter-add"   # the embedding gather's backward
+    for stopped, expect_scatter in ((frozen, False), ((), True)):
+        jaxpr = str(jax.make_jaxpr(make_grad_fn(model, LOSS, frozen=stopped))(params, batch, jax.random.key(1)))
+        assert (table_gradient in jaxpr) == expect_scatter
+    optimizer = make_optimizer(opt, total_steps=10)
+    mesh = mesh_of((1, 1, 1), jax.devices()[:1])
+    results = []
+    for stopped in (frozen, ()):
+        with jax.set_mesh(mesh):
+            state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh, sharding.DEFAULT_RULES,
+                                                  batch)
+            step = jit_train_step(make_train_step(model, LOSS, optimizer, frozen=stopped), shardings, mesh)
+            table = np.array(state.params["embedding"]).copy()
+            for i in range(2):
+                state, metrics = step(state, sharding.host_to_global(make_batch(i), mesh), jax.random.key(i))
+        np.testing.assert_array_equal(np.asarray(state.params["embedding"]), table)
+        results.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -291,7 +291,8 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
     state = _shape_dtype_tree(abstract_state, state_shardings)
 
-    step_fn = make_train_step(model, config.loss, optimizer, grad_cache_chunks=config.grad_cache_chunks)
+    step_fn = make_train_step(model, config.loss, optimizer, grad_cache_chunks=config.grad_cache_chunks,
+                              frozen=config.optimizer.frozen)
     jitted = jit_train_step(step_fn, state_shardings, mesh, rules=rules)
     report = CompileReport(
         platform=devices[0].platform, topology=topology_name or f"local {devices[0].platform}",

@@ -145,7 +145,7 @@ class Trainer:
         sharding.check_sufficiently_sharded(self.state.params, self.state_shardings.params, self.mesh,
                                             min_size=config.sharding.check_min_size)
         step_fn = make_train_step(self.model, config.loss, self.optimizer,
-                                  grad_cache_chunks=config.grad_cache_chunks)
+                                  grad_cache_chunks=config.grad_cache_chunks, frozen=config.optimizer.frozen)
         # The config's rules, not whatever is active at trace time, constrain activations.
         self.jitted = jit_train_step(step_fn, self.state_shardings, self.mesh, rules=self.rules)
         self._compiled: dict[tuple, Any] = {}

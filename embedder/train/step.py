@@ -8,17 +8,17 @@ gradient comes from the gradient cache instead, equal up to rounding.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder import sharding
 from embedder.losses import loss_options_from_config, matryoshka_nce
 from embedder.train.grad_cache import cached_value_and_grad
+from embedder.train.optim import frozen_labels
 from embedder.train.state import TrainState, create_train_state  # noqa: F401  (re-exported)
 
 QUERY_RNG, POSITIVE_RNG, NEGATIVE_RNG = 0, 1, 2
@@ -97,15 +97,27 @@ def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
         **loss_options)
 
 
-def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0):
-    """`(params, batch, rng) -> ((loss, metrics), grads)`, full-batch or gradient-cached."""
+def stop_frozen_gradients(params, frozen: Sequence[str]):
+    """`params` with `jax.lax.stop_gradient` on the leaves whose path matches a `frozen` regex
+    (`optimizer.frozen`): their gradient is a symbolic zero, so the backward pass never computes
+    it (for a frozen embedding table: no scatter into a [vocab, width] gradient every step)."""
+    if not frozen:
+        return params
+    labels = frozen_labels(params, frozen)
+    return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p, params, labels)
+
+
+def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequence[str] = ()):
+    """`(params, batch, rng) -> ((loss, metrics), grads)`, full-batch or gradient-cached; the
+    gradient of parameters matching a `frozen` regex is zero and never computed."""
     loss_options = loss_options_from_config(loss_config)
     chunks = int(grad_cache_chunks)
     if chunks < 0:
         raise ValueError(f"grad_cache_chunks must be >= 0 (0 or 1: off), got {chunks}")
+    frozen = tuple(frozen)
 
     def embed(params, batch, rng):
-        return embed_batch(model, params, batch, rng)
+        return embed_batch(model, stop_frozen_gradients(params, frozen), batch, rng)
 
     def loss_of_embeddings(batch):
         return lambda emb: batch_loss(emb, batch, loss_options)
@@ -129,13 +141,15 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0):
 
 
 def make_train_step(model, loss_config, optimizer: optax.GradientTransformation, *,
-                    grad_cache_chunks: int = 0) -> Callable:
+                    grad_cache_chunks: int = 0, frozen: Sequence[str] = ()) -> Callable:
     """A pure `(state, batch, rng) -> (state, metrics)` for `jit_train_step`.
 
     `loss_config`: the train config's `loss` entry (see `embedder.losses.loss_options_from_config`).
     `grad_cache_chunks > 1` computes the gradient with the gradient cache in that many chunks.
+    `frozen`: the optimizer's frozen-path regexes (`optimizer.frozen`), whose gradients are
+    then not computed at all (the optimizer keeps those parameters fixed either way).
     """
-    grad_fn = make_grad_fn(model, loss_config, grad_cache_chunks=grad_cache_chunks)
+    grad_fn = make_grad_fn(model, loss_config, grad_cache_chunks=grad_cache_chunks, frozen=frozen)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
         (loss, metrics), grads = grad_fn(state.params, batch, rng)
