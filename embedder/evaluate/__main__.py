@@ -49,21 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=_positive, default=1000, help="retrieval depth for MAP (default 1000)")
     p.add_argument("--seeds", type=_positive, default=5,
                    help="seeded k-shot draws / k-means runs to average (default 5)")
+    p.add_argument("--queries", choices=("all", "select", "report"), default="all",
+                   help="which of each retrieval task's queries to score: all (default), or one half of the "
+                        "fixed split that python -m embedder.soup --task selects on (report: the half it "
+                        "never sees); other task types are scored whole")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the query split (default 0; the soup's --split-seed, recorded in soup.json)")
     return p
+
+
+def split_queries(tasks: list, half: str, seed: int) -> dict:
+    """Keeps only `half` of each retrieval task's queries (in place) -> `{task name: split record}`."""
+    from embedder.evaluate.query_split import QuerySplitError, describe_split, split_task
+
+    splits = {}
+    for i, full in enumerate(tasks):
+        if full.type == "retrieval":
+            tasks[i] = split_task(full, half, seed)
+            splits[full.name] = describe_split(full, tasks[i], half, seed)
+    if not splits:
+        raise QuerySplitError(f"--queries {half} splits retrieval tasks' queries, and none of the tasks given "
+                              "is a retrieval task; leave --queries out")
+    return splits
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from embedder.evaluate.report import format_table
     from embedder.evaluate.runner import evaluate_tasks
-    from embedder.evaluate.tasks import TaskFormatError, load_task
+    from embedder.evaluate.tasks import load_task
 
     try:
-        # Read every task before loading the model, so a bad directory fails fast.
+        # Read (and split) every task before loading the model, so a bad directory fails fast.
         tasks = [load_task(d) for d in args.task]
-    except TaskFormatError as e:
+        splits = split_queries(tasks, args.queries, args.split_seed) if args.queries != "all" else {}
+    except ValueError as e:   # TaskFormatError, QuerySplitError
         print(f"python -m embedder.evaluate: error: {e}", file=sys.stderr)
         return 2
+    for name, split in splits.items():
+        print(f"{name}: the {split['half']} half of the queries ({split['queries']} of {split['of']}, "
+              f"split seed {split['split_seed']})")
     from embedder import Embedder
 
     try:
@@ -81,12 +106,14 @@ def main(argv=None) -> int:
             return 2
     results = evaluate_tasks(model, tasks, args.dims, batch_size=args.batch_size, top_k=args.top_k,
                              seeds=args.seeds, progress=True)
+    for name, split in splits.items():
+        results[name]["query_split"] = split
     print(format_table(results))
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": str(args.model), "dims": args.dims, "tasks": [str(t) for t in args.task],
-                   "results": results}
+                   "queries": args.queries, "split_seed": args.split_seed, "results": results}
         out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {out}")
     if args.plot:
