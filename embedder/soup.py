@@ -1,7 +1,8 @@
 """Model soups (Wortsman et al. 2022): average the parameters of fine-tuned runs into one model.
 
     python -m embedder.soup --out DIR [--method uniform|greedy|weighted] [--weights 1,2]
-                            [--task TASK_DIR ...] [--metric NAME] CKPT [CKPT ...]
+                            [--task RETRIEVAL_DIR ...] [--select-task DIR ...] [--split-seed N]
+                            [--metric NAME] [--dim D] CKPT [CKPT ...]
 
 Ingredients are workdirs (newest step, or best with --best-metric), checkpoint step
 directories, parameter exports, soups, sweep directories (expanded to their runs), or
@@ -11,6 +12,11 @@ Ingredients of one architecture saved in different layer layouts (a `scan_layers
 and an unrolled export or HF folder) are brought to the layout of the soup's first
 ingredient (`embedder.model.layer_stack`), whose spec the soup takes; for greedy soups that
 is the best-scoring ingredient, listed first in soup.json.
+Selection never sees the queries you report: `--task DIR` (a retrieval task) scores only
+the selection half of its queries (`embedder.evaluate.query_split`, a seeded hash of each
+query id; `--split-seed`), and `python -m embedder.evaluate --queries report` scores the
+other half; `--select-task DIR` scores a whole task of any type, one you do not report.
+soup.json records the tasks, the split and each half's query count.
 Arithmetic: each ingredient is cast to float32 and added to a float32 running sum in
 the order given (`uniform`: the sum times float32(1/N); `weighted`: the sum of
 float32(w_i / sum w) * p_i), then cast back to the ingredients' dtype. The result is
@@ -24,9 +30,7 @@ import argparse
 import datetime
 import logging
 import pathlib
-import shutil
 import sys
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -143,7 +147,8 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "greedy" and score_fn is None:
-        raise SoupError("method 'greedy' needs held-out tasks to score ingredients: pass --task TASK_DIR")
+        raise SoupError("method 'greedy' needs tasks to score ingredients on: pass --task RETRIEVAL_DIR (its "
+                        "selection half of queries) or --select-task DIR (a task you do not report)")
     if weights is not None and method != "weighted":
         raise SoupError(f"--weights only applies to --method weighted (got method {method!r})")
     locations, specs, trees = _locate(paths, best_metric=best_metric, best_mode=best_mode)
@@ -225,38 +230,37 @@ def write_soup(out_dir, params, spec, report, *, overwrite: bool = False) -> pat
 
 # ---------------------------------------------------------------- scoring
 
-def embedder_from_params(params, spec, workdir: pathlib.Path):
-    """An `Embedder` for in-memory params (via a temporary export when no direct constructor exists)."""
-    from embedder import inference
-
-    for name in ("from_params", "from_spec"):
-        ctor = getattr(inference.Embedder, name, None)
-        if ctor is not None:
-            return ctor(params, spec)
-    from embedder.checkpoint import save_params
-
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=workdir))
-    save_params(tmp, params, spec)
-    return inference.Embedder.load(tmp)
-
-
-def task_scorer(task_dirs: Sequence, *, metric: str | None = None, dim: int | None = None,
-                max_queries: int | None = None, batch_size: int = 64) -> ScoreFn:
-    """Score = mean over tasks of `metric` (default: each task type's main metric) at `dim` (default: full)."""
-    from embedder.evaluate.report import MAIN_METRIC
-    from embedder.evaluate.runner import evaluate_tasks
+def selection_tasks(split_dirs: Sequence = (), whole_dirs: Sequence = (), *, seed: int = 0):
+    """The tasks a soup is scored on -> `(tasks, record)`: the selection half of the queries of
+    each retrieval task in `split_dirs` (`embedder.evaluate.query_split`) and the whole of each
+    task in `whole_dirs`; `record` is what soup.json says about them."""
+    from embedder.evaluate.query_split import describe_split, split_task
     from embedder.evaluate.tasks import load_task
 
-    tasks = [load_task(t) for t in task_dirs]
+    tasks, split = [], []
+    for directory in split_dirs:
+        full = load_task(directory)
+        tasks.append(split_task(full, "select", seed))
+        split.append(describe_split(full, tasks[-1], "select", seed))
+    tasks += [load_task(directory) for directory in whole_dirs]
+    return tasks, {"tasks": [str(d) for d in split_dirs], "query_split": split,
+                   "select_tasks": [str(d) for d in whole_dirs]}
+
+
+def task_scorer(tasks: Sequence, *, metric: str | None = None, dim: int | None = None,
+                max_queries: int | None = None, batch_size: int = 64) -> ScoreFn:
+    """Score = mean over tasks (`Task`s or task directories) of `metric` (default: each task
+    type's main metric) at `dim` (default: full), on the in-memory params (nothing is written)."""
+    from embedder.evaluate.report import MAIN_METRIC
+    from embedder.evaluate.runner import evaluate_tasks
+    from embedder.evaluate.tasks import Task, load_task
+    from embedder.inference import Embedder
+
+    tasks = [t if isinstance(t, Task) else load_task(t) for t in tasks]
 
     def score(params, spec) -> float:
-        scratch = pathlib.Path(tempfile.mkdtemp(prefix="soup-score-"))
-        try:
-            model = embedder_from_params(params, spec, scratch)
-            results = evaluate_tasks(model, tasks, [dim] if dim else None, batch_size=batch_size,
-                                     max_queries=max_queries)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        results = evaluate_tasks(Embedder(params, spec), tasks, [dim] if dim else None, batch_size=batch_size,
+                                 max_queries=max_queries)
         values = []
         for name, result in results.items():
             key = metric or MAIN_METRIC[result["type"]]
@@ -291,7 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (a param export + soup.json)")
     p.add_argument("--method", choices=METHODS, default="uniform")
     p.add_argument("--weights", type=_floats, help="weighted: one weight per ingredient, e.g. 1,2,1")
-    p.add_argument("--task", action="append", default=[], help="held-out task directory (repeatable)")
+    p.add_argument("--task", action="append", default=[], metavar="RETRIEVAL_DIR",
+                   help="retrieval task to select on (repeatable): only the selection half of its queries is "
+                        "scored; report the other half with python -m embedder.evaluate --queries report")
+    p.add_argument("--select-task", action="append", default=[], metavar="DIR",
+                   help="task of any type scored whole (repeatable): one you will not report")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the selection/report split of --task queries (default 0; pass the same "
+                        "to python -m embedder.evaluate --split-seed)")
     p.add_argument("--metric", help="metric to score by (default: each task type's main metric)")
     p.add_argument("--dim", type=int, help="MRL dim to score at (default: full)")
     p.add_argument("--max-queries", type=int, help="score on a seeded subsample of each task")
@@ -308,12 +319,13 @@ def main(argv=None) -> int:
     # Orbax logs every read/write step at INFO through absl; keep its warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        score_fn = task_scorer(args.task, metric=args.metric, dim=args.dim,
-                               max_queries=args.max_queries) if args.task else None
+        tasks, selection = selection_tasks(args.task, args.select_task, seed=args.split_seed)
+        score_fn = task_scorer(tasks, metric=args.metric, dim=args.dim,
+                               max_queries=args.max_queries) if tasks else None
         params, spec, report = make_soup(args.ckpts, method=args.method, weights=args.weights,
                                          score_fn=score_fn, best_metric=args.best_metric,
                                          best_mode=args.best_mode, shard=not args.no_shard)
-        report.update(tasks=[str(t) for t in args.task], metric=args.metric, dim=args.dim)
+        report.update(selection, metric=args.metric, dim=args.dim, max_queries=args.max_queries)
         out = write_soup(args.out, params, spec, report, overwrite=args.overwrite)
     except (SoupError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"python -m embedder.soup: error: {e}", file=sys.stderr)
@@ -322,7 +334,11 @@ def main(argv=None) -> int:
         print(f"  {entry['path']}" + (f" step {entry['step']}" if "step" in entry else "")
               + f"  weight {entry['weight']:.4f}" + ("" if entry["score"] is None else f"  score {entry['score']:.4f}"))
     if report["soup_score"] is not None:
-        print(f"soup score {report['soup_score']:.4f}")
+        print(f"soup score {report['soup_score']:.4f} (selection queries)")
+    for split in selection["query_split"]:
+        print(f"  {split['task']}: scored on {split['queries']} of {split['of']} queries; report the other "
+              f"{split['of'] - split['queries']} with python -m embedder.evaluate --model {out} "
+              f"--task {split['path']} --queries report --split-seed {split['split_seed']}")
     print(f"wrote {out}")
     return 0
 

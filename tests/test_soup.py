@@ -345,3 +345,97 @@ def test_layouts_do_not_hide_an_architecture_mismatch(tmp_path):
     bad = checkpoint.save_params(tmp_path / "bad", params, {**spec, "model": {**spec["model"], "num_layers": 2}})
     with pytest.raises(soup.SoupError, match=r"cannot bring .*bad to the unrolled layer layout .*num_layers=2"):
         soup.make_soup([hf, bad])
+
+
+# ---------------------------------------------------------------- scoring on real (tiny) models
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory, repo_root):
+    """Three randomly initialised tiny Gemma-style exports (debian tokenizer) and toy task folders."""
+    from test_evaluate_fakes import make_tasks
+
+    from embedder.data.prompts import Prompts
+    from embedder.model import EmbeddingModel, get_model_config
+
+    root = tmp_path_factory.mktemp("tiny")
+    config = get_model_config("tiny")
+    model = EmbeddingModel(config)
+    ids = jnp.ones((1, 8), jnp.int32)
+    spec = {"model": config.to_dict(),
+            "tokenizer": {"kind": "sentencepiece", "file": "debian_sp8k.model", "max_length": 32},
+            "prompts": Prompts().to_dict()}
+    paths = []
+    for seed in range(3):
+        params = jax.jit(lambda key: model.init(key, ids, ids))(jax.random.PRNGKey(seed))["params"]
+        params = jax.device_get(jax.tree.map(lambda x: getattr(x, "value", x), params,
+                                             is_leaf=lambda x: hasattr(x, "value")))
+        paths.append(checkpoint.save_params(root / f"m{seed}", params, spec,
+                                            tokenizer_file=repo_root / "embedder" / "assets" / "debian_sp8k.model"))
+    return paths, make_tasks(root / "tasks")
+
+
+def test_greedy_selection_never_sees_report_queries(tiny_exports, tmp_path, monkeypatch, capsys):
+    from embedder import inference
+    from embedder.evaluate import load_task
+    from embedder.evaluate.query_split import split_task
+
+    paths, tasks = tiny_exports
+    retrieval = load_task(tasks["retrieval"])
+    select = set(split_task(retrieval, "select").data["query_texts"])
+    report = set(split_task(retrieval, "report").data["query_texts"])
+    seen = []
+    encode = inference.Embedder.encode
+
+    def recording(self, texts, role="query", task=None, **kwargs):
+        if role == "query":
+            seen.extend(texts)
+        return encode(self, texts, role=role, task=task, **kwargs)
+
+    monkeypatch.setattr(inference.Embedder, "encode", recording)
+    out = tmp_path / "greedy"
+    assert soup.main(["--out", str(out), "--method", "greedy", "--task", str(tasks["retrieval"]),
+                      "--metric", "ndcg_at_10", "--dim", "16", "--no-shard", *map(str, paths)]) == 0
+    # Every ingredient and every trial soup was scored, on the selection half only.
+    assert set(seen) == select and not set(seen) & report
+    written = json.loads((out / "soup.json").read_text())
+    assert written["tasks"] == [str(tasks["retrieval"])] and written["select_tasks"] == []
+    assert written["query_split"] == [{"task": "Toyretrieval", "path": str(tasks["retrieval"]), "half": "select",
+                                       "split_seed": 0, "queries": len(select), "of": len(select) + len(report)}]
+    assert all(e["score"] is not None for e in written["ingredients"])
+    assert "--queries report --split-seed 0" in capsys.readouterr().out
+
+    # A whole task of another type selects only through --select-task.
+    assert soup.main(["--out", str(tmp_path / "x"), "--method", "greedy", "--task", str(tasks["classification"]),
+                      *map(str, paths)]) == 2
+    err = capsys.readouterr().err
+    assert "classification task: only retrieval queries split" in err and "--select-task DIR" in err
+    chosen, record = soup.selection_tasks([tasks["retrieval"]], [tasks["classification"]], seed=3)
+    assert [t.name for t in chosen] == ["Toyretrieval", "Toyclassification"]
+    assert chosen[1].data == load_task(tasks["classification"]).data
+    assert chosen[0].data["query_ids"] == split_task(retrieval, "select", 3).data["query_ids"]
+    assert record["query_split"][0]["split_seed"] == 3 and record["select_tasks"] == [str(tasks["classification"])]
+
+
+def test_scoring_writes_no_export(tiny_exports, monkeypatch):
+    # Candidates are scored in memory through Embedder(params, spec): no temporary export.
+    import tempfile
+
+    from embedder import inference
+    from embedder.checkpoint import exports
+    from embedder.evaluate import evaluate_tasks
+
+    paths, tasks = tiny_exports
+    expected = evaluate_tasks(inference.Embedder.load(paths[0]), [tasks["retrieval"]], [16])
+    expected = expected["Toyretrieval"]["dims"]["16"]["ndcg_at_10"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scoring wrote to disk")
+
+    for module, name in ((checkpoint, "save_params"), (exports, "save_params"), (tempfile, "mkdtemp"),
+                         (tempfile, "TemporaryDirectory")):
+        monkeypatch.setattr(module, name, refuse)
+    score = soup.task_scorer([tasks["retrieval"]], metric="ndcg_at_10", dim=16)
+    params, spec = model_store.load_model(paths[0])
+    assert score(params, spec) == expected
+    _, _, report = soup.make_soup(paths, method="greedy", score_fn=score)
+    assert report["soup_score"] >= max(e["score"] for e in report["ingredients"])
