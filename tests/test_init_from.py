@@ -99,6 +99,8 @@ def test_run_from_a_headless_body_adds_a_fresh_projection_and_resumes_without_re
     trained, _ = model_store.load_model(workdir)
     assert flat_paths(trained)["head/projection_0/w"].shape == (SMALL["hidden"], 16)
     assert Embedder.load(workdir).encode(["resize a partition"], role="query").shape == (1, 16)
+    assert (workdir / "export" / "tokenizer.model").is_file()
+    assert Embedder.load(workdir / "export").encode(["resize a partition"], role="query").shape == (1, 16)
     assert not np.array_equal(flat_paths(trained)["encoder/final_norm/scale"],
                               flat_paths(source_params)["encoder/final_norm/scale"])
 

@@ -107,7 +107,7 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spec = model_spec(config)
-        tokenizer_file = None
+        tokenizer_file = None   # set when the spec names a tokenizer copied from init_from's model
         if config.init_from and not config.tokenizer.file:  # the source model's own tokenizer
             self.spec["tokenizer"], tokenizer_file = source_tokenizer(
                 config.init_from, self.workdir, config.tokenizer.max_length)
@@ -118,6 +118,7 @@ class Trainer:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.logical_rules(config)
+        self.tokenizer_source = tokenizer_file
         self.tokenizer = load_tokenizer(self.spec["tokenizer"] if tokenizer_file is None else
                                         dict(self.spec["tokenizer"], file=str(tokenizer_file)), None)
         if self.tokenizer.vocab_size > config.model.vocab_size:
@@ -352,7 +353,8 @@ class Trainer:
                 from embedder.checkpoint import save_params
 
                 # Every process takes part (Orbax synchronises); process 0 writes the JSON.
-                save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True)
+                save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True,
+                            tokenizer_file=self.tokenizer_source)
             self._plots()
         return {"step": step, "preempted": preempted, "eval": last_eval, "last_good_step": last_good_step}
 
