@@ -64,8 +64,9 @@ DEFAULT = dict(
           dict(name="c_seed2_sections", seed=2, section_share=0.5)),
     query_max_length=32, document_max_length=96, eval_max_length=128, eval_max_queries=0, eval_max_corpus=0,
     temperature=0.05, seed=0)
-QUICK = dict(DEFAULT, stage1=dict(DEFAULT["stage1"], steps=2, batch=8, chunks=2, warmup=1),
-             stage2=dict(DEFAULT["stage2"], steps=3, batch=4, warmup=1),
+# Batches stay multiples of 8, so a smoke run shards over 8 (fake) devices too.
+QUICK = dict(DEFAULT, stage1=dict(DEFAULT["stage1"], steps=2, batch=16, chunks=2, warmup=1),
+             stage2=dict(DEFAULT["stage2"], steps=3, batch=8, warmup=1),
              query_max_length=48, document_max_length=64, eval_max_length=64, eval_max_queries=40,
              eval_max_corpus=300)
 

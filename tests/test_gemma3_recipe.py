@@ -22,13 +22,13 @@ def _driver(repo_root):
 def test_title_passage_rows_split_first_sentences(repo_root):
     driver = _driver(repo_root)
     titles, spans = driver.title_passage_rows([
-        {"query": "a tool", "positive": "Resizes partitions without data loss. It supports ext4 and btrfs on any disk."},
+        {"query": "a tool", "positive": "Resizes partitions without data loss. It supports ext4 and btrfs on any local disk."},
         {"query": "one sentence", "positive": "Only one sentence here, nothing else to split off"}])
     assert titles == [{"query": "a tool", "positive": "Resizes partitions without data loss. It supports ext4 and "
-                                                     "btrfs on any disk."},
+                                                     "btrfs on any local disk."},
                       {"query": "one sentence", "positive": "Only one sentence here, nothing else to split off"}]
     assert spans == [{"query": "Resizes partitions without data loss.",
-                      "positive": "It supports ext4 and btrfs on any disk."}]
+                      "positive": "It supports ext4 and btrfs on any local disk."}]
 
 
 def test_quick_run_goes_through_every_stage(tmp_path, repo_root):
