@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embedder.cli_args import OneLineErrorParser
 # Public here too: expand_ingredients, locate_ingredients, SoupError.
 from embedder.soup_ingredients import (SoupError, _locate, expand_ingredients,  # noqa: F401
                                        layer_layout, locate_ingredients, to_layer_layout)
@@ -276,11 +277,6 @@ def task_scorer(tasks: Sequence, *, metric: str | None = None, dim: int | None =
 
 # ---------------------------------------------------------------- CLI
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"python -m embedder.soup: error: {message}\n")
-
-
 def _floats(value: str) -> list[float]:
     try:
         return [float(v) for v in value.split(",") if v.strip()]
@@ -289,7 +285,7 @@ def _floats(value: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m embedder.soup", description=__doc__.split("\n")[0])
+    p = OneLineErrorParser(prog="python -m embedder.soup", description=__doc__.split("\n")[0])
     p.add_argument("ckpts", nargs="+", metavar="CKPT",
                    help="workdir, checkpoint step dir, param export, soup, sweep dir or HF folder")
     p.add_argument("--out", required=True, help="output directory (a param export + soup.json)")

@@ -4,16 +4,15 @@ brought to the first ingredient's layer layout). Nothing here reads parameter ar
 """
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from typing import Sequence
 
 import numpy as np
 
-log = logging.getLogger("embedder.soup")
+from embedder.sweep import SWEEP_FILE, read_record
 
-SWEEP_FILE = "sweep.json"
+log = logging.getLogger("embedder.soup")
 
 
 class SoupError(ValueError):
@@ -29,7 +28,7 @@ def expand_ingredients(paths: Sequence) -> list[pathlib.Path]:
         if not sweep_file.is_file():
             out.append(path)
             continue
-        runs = json.loads(sweep_file.read_text(encoding="utf-8")).get("runs", [])
+        runs = read_record(path).get("runs", [])
         found = []
         for run in runs:
             workdir = path / run["name"]

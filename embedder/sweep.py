@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Sequence
 
+from embedder.cli_args import OneLineErrorParser
+
 SWEEP_FILE = "sweep.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -162,13 +164,8 @@ def run_sweep(record: dict, sweep_dir, *, indices: Sequence[int] | None = None, 
     return record
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"python -m embedder.sweep: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m embedder.sweep", description=__doc__.split("\n")[0],
+    p = OneLineErrorParser(prog="python -m embedder.sweep", description=__doc__.split("\n")[0],
                        epilog="Further --config.x=v flags are passed to every run.")
     p.add_argument("sweep_file", help="experiments/sweeps/NAME.py defining get_sweep()")
     p.add_argument("--dir", required=True, help="sweep directory; each run trains in DIR/<run-name>")

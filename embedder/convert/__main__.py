@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line on bad arguments, as every embedder CLI does.
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        raise SystemExit(2)
+from embedder.cli_args import OneLineErrorParser
 
 
 def _from_hf(args) -> None:
@@ -38,10 +33,10 @@ def _to_hf(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m embedder.convert",
+    parser = OneLineErrorParser(prog="python -m embedder.convert",
                      description="Convert Hugging Face folders and GGUF files to embedder parameter "
                                  "exports, and any saved model to a Hugging Face folder.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     p = sub.add_parser("from-hf", help="transformers / sentence-transformers folder -> param export",
                        description="Read a transformers (Gemma, Gemma2, Gemma3 text, BERT) or "
                                    "sentence-transformers folder and write a parameter export.")

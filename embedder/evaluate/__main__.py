@@ -6,10 +6,7 @@ import json
 import pathlib
 import sys
 
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from embedder.cli_args import OneLineErrorParser
 
 
 def _dims(value: str) -> list[int]:
@@ -33,7 +30,7 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineErrorParser(
         prog="python -m embedder.evaluate",
         description="Evaluate an embedding model on task directories (retrieval, classification, clustering, "
                     "sts, pair_classification, reranking) at one or more Matryoshka dims.")

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from embedder.cli_args import OneLineErrorParser
 from embedder.synth.cache import MemoryCache, ResponseCache
 from embedder.synth.llm_client import make_client
 from embedder.synth.records import JsonlWriter, read_pairs, read_passages
@@ -20,12 +21,6 @@ from embedder.synth.retry import FatalLLMError, RetryPolicy
 from embedder.synth.runner import LLMRunner
 
 log = logging.getLogger("embedder.synth")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as design.md asks of every CLI
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 def _llm_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -58,8 +53,8 @@ def _io_flags(p: argparse.ArgumentParser, needs_in: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m embedder.synth", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineErrorParser(prog="python -m embedder.synth", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     q = sub.add_parser("queries", help="few-shot query generation for passages")
     _io_flags(q)
