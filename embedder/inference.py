@@ -14,28 +14,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder.data.prompts import Prompts
-from embedder.data.tokenizer import load_tokenizer, pad_batch
+from embedder.data.tokenizer import length_buckets, load_tokenizer, pad_batch
 from embedder.model import EmbeddingModel, ModelConfig
 from embedder.model.layer_stack import match_layer_layout
+from embedder.mrl import truncate_normalize
 
 ROLES = ("query", "document")
-
-
-def length_buckets(max_length: int, smallest: int = 16, per_octave: int = 1) -> tuple[int, ...]:
-    """Padded lengths from `smallest` up to `max_length` (always included).
-
-    `per_octave` buckets between consecutive powers of two, never closer than
-    `smallest`: 1 gives powers of two (few compiles, up to 2x padding); 4 gives
-    16, 32, 48, 64, 80, ..., 128, 160, ... (at most ~25% padding, 4x the compiles).
-    """
-    if smallest < 1 or per_octave < 1:
-        raise ValueError(f"length_buckets: smallest={smallest} and per_octave={per_octave} must be >= 1")
-    out, b = [], smallest
-    while b < max_length:
-        out.append(b)
-        octave = 1 << (b.bit_length() - 1)  # largest power of two <= b
-        b += max(smallest, octave // per_octave)
-    return tuple(out) + (max_length,)
 
 
 def row_buckets(n: int, batch_size: int, multiple: int) -> int:
@@ -43,11 +27,6 @@ def row_buckets(n: int, batch_size: int, multiple: int) -> int:
     a multiple of the device count, so a ragged last chunk compiles to one of few shapes."""
     rows = min(1 << max(n - 1, 0).bit_length(), max(batch_size, n))
     return -(-rows // multiple) * multiple
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -143,7 +122,7 @@ class Embedder:
         out = np.zeros((len(texts), full), np.float32)
         for idx, emb in pending:
             out[idx] = np.asarray(emb, np.float32)[:len(idx)]
-        return l2_normalize(out[:, :dim])
+        return truncate_normalize(out, dim)
 
     def _embed(self, seqs: list[list[int]], buckets, limit: int, batch_size: int) -> jax.Array:
         ids, mask = pad_batch(seqs, self.tokenizer.pad_id, buckets=buckets, max_length=limit)

@@ -139,7 +139,7 @@ class CachedEncoder:
         self.cache: dict[str, object] = {}
 
     def encode(self, texts, role="query", task=None, dim=None, batch_size=64, titles=None):
-        from embedder.evaluate.mrl import truncate_normalize
+        from embedder.mrl import truncate_normalize
 
         h = hashlib.sha256(json.dumps([role, task, list(texts), None if titles is None else list(titles)]).encode())
         key = h.hexdigest()

@@ -6,10 +6,10 @@ import pytest
 import pytrec_eval
 
 from embedder.evaluate.classification import evaluate_classification, evaluate_clustering, k_shot_draws
-from embedder.evaluate.mrl import truncate_normalize
 from embedder.evaluate.pair_scoring import evaluate_pair_classification, evaluate_reranking, evaluate_sts
 from embedder.evaluate.retrieval_metrics import mean_metrics
 from embedder.evaluate.search import exact_top_k
+from embedder.mrl import truncate_normalize
 
 
 def test_exact_top_k_matches_full_sort_with_small_blocks():

@@ -45,6 +45,7 @@ import collections
 import ml_collections
 
 from embedder.data.prompts import DEFAULT_TASK
+from embedder.data.tokenizer import length_buckets
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -67,15 +68,11 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
-    """Powers of two from max_length / 8 (at least 8) up to max_length, which is always last."""
-    buckets, b = [], max(8, max_length // 8)
-    while b < max_length:
-        buckets.append(b)
-        b *= 2
-    return tuple(buckets) + (max_length,)
+    """Doublings of max_length / 8 (at least 8) up to max_length, which is always last."""
+    return length_buckets(max_length, smallest=max(8, max_length // 8))
 
 
-def length_buckets(given, max_length: int, name: str) -> tuple[int, ...]:
+def checked_buckets(given, max_length: int, name: str) -> tuple[int, ...]:
     """The sorted buckets of `data_config.NAME` (`default_buckets` when empty), checked."""
     if not given:
         return default_buckets(max_length)

@@ -33,9 +33,9 @@ import grain
 import numpy as np
 
 from embedder.data.builders import prepare_dataset
-# Re-exported: the config helpers lived here before data_config.py.
+# default_buckets, default_data_config re-exported: the config helpers lived here before data_config.py.
 from embedder.data.data_config import (  # noqa: F401
-    dataset_entries, default_buckets, default_data_config, length_buckets)
+    checked_buckets, dataset_entries, default_buckets, default_data_config)
 from embedder.data.global_lengths import GlobalLengths
 from embedder.data.mixture import MixtureSchedule
 from embedder.data.packing import pack_batch
@@ -108,10 +108,10 @@ class TrainIterator:
             raise ValueError(f"data_config.num_negatives={self.num_negatives} must be >= 0")
         self.query_max_length = int(data_config.query_max_length)
         self.document_max_length = int(data_config.document_max_length)
-        self.query_buckets = length_buckets(data_config.query_length_buckets, self.query_max_length,
-                                            "query_length_buckets")
-        self.document_buckets = length_buckets(data_config.document_length_buckets,
-                                               self.document_max_length, "document_length_buckets")
+        self.query_buckets = checked_buckets(data_config.query_length_buckets, self.query_max_length,
+                                             "query_length_buckets")
+        self.document_buckets = checked_buckets(data_config.document_length_buckets,
+                                                self.document_max_length, "document_length_buckets")
         # Packed rows hold a whole document; a query longer than that would not fit.
         self.row_length = max(self.query_max_length, self.document_max_length)
         self.schedule = MixtureSchedule([float(e["weight"]) for e in entries], self.seed, self.mode,

@@ -247,6 +247,23 @@ def load_tokenizer(spec: dict, base_dir=None) -> Tokenizer:
                      "'tokenizer_json'")
 
 
+def length_buckets(max_length: int, smallest: int = 16, per_octave: int = 1) -> tuple[int, ...]:
+    """Padded lengths from `smallest` up to `max_length` (always included).
+
+    `per_octave` buckets per doubling of `smallest`, never closer than `smallest`: 1 gives
+    `smallest`, 2x, 4x, ... (few compiles, up to 2x padding); 4 gives 16, 32, 48, 64, 80, ...,
+    128, 160, ... from 16 (at most ~25% padding, 4x the compiles).
+    """
+    if smallest < 1 or per_octave < 1:
+        raise ValueError(f"length_buckets: smallest={smallest} and per_octave={per_octave} must be >= 1")
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        octave = smallest << ((b // smallest).bit_length() - 1)  # largest smallest * 2**k <= b
+        b += max(smallest, octave // per_octave)
+    return tuple(out) + (max_length,)
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, buckets: Sequence[int] | None = None,
               max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads `seqs` into int32 `(ids, mask)` of shape [N, L].

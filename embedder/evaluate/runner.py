@@ -18,11 +18,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from embedder.evaluate.classification import evaluate_classification, evaluate_clustering
-from embedder.evaluate.mrl import truncate_normalize
 from embedder.evaluate.pair_scoring import evaluate_pair_classification, evaluate_reranking, evaluate_sts
 from embedder.evaluate.retrieval_metrics import mean_metrics
 from embedder.evaluate.search import exact_top_k
 from embedder.evaluate.tasks import Task, load_task
+from embedder.mrl import truncate_normalize
 
 
 def encode_texts(encoder, texts: Sequence[str], *, role: str, task: str | None, titles=None,

@@ -1,4 +1,7 @@
-"""Matryoshka truncation: the first `dim` coordinates of an embedding, L2-renormalised."""
+"""Matryoshka truncation: the first `dim` coordinates of an embedding, L2-renormalised, in NumPy.
+
+The one host-side L2 normalisation (`Embedder.encode`, the evaluators); the loss has its own
+in JAX (`losses.l2_normalize`), traced inside the jitted step."""
 from __future__ import annotations
 
 import numpy as np
