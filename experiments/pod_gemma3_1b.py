@@ -5,7 +5,7 @@ gradient cache, sequence length 512, in-batch negatives only, datasets mixed in 
 Finetuning (`:finetune`): 1,024 (query <= 128 tokens, positive, hard negative) triples per
 step through a 4-chunk gradient cache, each batch from one dataset. bf16 compute, f32
 parameters, full remat per block, layers scanned, FSDP over all 16 chips.
-The recipe itself is `embedder/train/pod_recipe.py`, shared by the three pod configs.
+The recipe itself is `experiments/pod_recipe.py`, shared by the three pod configs.
 
 Check it fits, here or anywhere (needs the `tpu` extra, no TPU):
 
@@ -24,7 +24,14 @@ checkpoint's own tokenizer:
            --config.data.datasets='[{"name": "pairs", "files": ["/home/USER/gcs/BUCKET/pairs-*.jsonl.gz"]}]'
 """
 
-from embedder.train.pod_recipe import pod_config
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # loaded by path (config_flags, launch/scale_table.py) from any directory
+    sys.path.insert(0, str(REPO))
+
+from experiments.pod_recipe import pod_config  # noqa: E402
 
 TOPOLOGY = "v5e:4x4"
 
