@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from embedder.checkpoint.exports import _absolute_tokenizer, save_params
-from embedder.checkpoint.train_state import _best_step, _step_dirs, _step_metrics, _step_problem
+from embedder.checkpoint.manager import _best_step, _step_dirs, _step_metrics, _step_problem
 from embedder.checkpoint.trees import (CHECKPOINTS_DIR, CONFIG_FILE, MODEL_SPEC_FILE, PARAMS_DIR, _read_json,
                                         _restore_tree, _tree_metadata, flat_paths)
 from embedder.convert.from_gguf import is_gguf_file, read_gguf

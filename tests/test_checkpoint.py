@@ -193,12 +193,12 @@ def _fail_first_calls(monkeypatch, owner, name, calls):
 
 @pytest.mark.parametrize("where", ["metadata", "arrays"])
 def test_transient_read_error_is_retried_and_resumes_newest(tmp_path, monkeypatch, caplog, where):
-    from embedder.checkpoint import train_state
+    from embedder.checkpoint import manager
 
     states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
     with caplog.at_level(logging.WARNING), ckpt.TrainCheckpointer(
             tmp_path, async_save=False, restore_backoff_s=0) as c:
-        owner = train_state if where == "metadata" else c._manager
+        owner = manager if where == "metadata" else c._manager
         calls = _fail_first_calls(monkeypatch, owner, "_tree_metadata" if where == "metadata" else "restore", 1)
         state, data, _ = c.restore(abstract_state=abstract_of(states[2]))
         assert_trees_equal(state, states[2])
