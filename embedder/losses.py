@@ -27,7 +27,7 @@ texts add a constant with zero gradient).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,6 @@ import jax.numpy as jnp
 # Logit given to masked entries: finite so that gradients through `where` stay
 # finite, and so small that exp() underflows to exactly 0 in float32.
 _MASKED = -1e9
-
-LOSS_OPTION_NAMES = ("dims", "dim_weights", "temperature", "global_hard_negatives", "mask_duplicates",
-                     "literal_mask", "same_tower", "symmetric", "hardness_alpha", "spread_out_weight")
-
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """`x / ||x||` along `axis`; an all-zero vector stays zero instead of becoming NaN."""
@@ -65,8 +61,6 @@ def _check_inputs(query, positive, negatives, dims, query_ids, positive_ids, neg
         if negatives.ndim != 3 or negatives.shape[0] != b or negatives.shape[2] != d:
             raise ValueError(f"matryoshka_nce: negatives must be [B, K, D] = [{b}, K, {d}]; got "
                              f"{negatives.shape}")
-    if not dims:
-        raise ValueError("matryoshka_nce: dims is empty; give the MRL dimensions, e.g. dims=(768, 256)")
     for dim in dims:
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 0 < dim <= d:
             raise ValueError(f"matryoshka_nce: MRL dim {dim!r} is not an integer in [1, {d}] (the "
@@ -130,14 +124,14 @@ def matryoshka_nce(
     query: jax.Array,
     positive: jax.Array,
     negatives: jax.Array | None = None,
-    *,
-    dims: Sequence[int],
-    temperature: float,
     query_ids: jax.Array | None = None,
     positive_ids: jax.Array | None = None,
     negative_ids: jax.Array | None = None,
     negatives_mask: jax.Array | None = None,
-    dim_weights: Sequence[float] | None = None,
+    *,
+    dims: Sequence[int] = (),
+    dim_weights: Sequence[float] = (),
+    temperature: float = 0.05,
     global_hard_negatives: bool = False,
     mask_duplicates: bool = True,
     literal_mask: bool = False,
@@ -148,15 +142,19 @@ def matryoshka_nce(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Matryoshka NCE over the (global) batch; see the module docstring for the masking rules.
 
+    The keyword-only arguments are the loss options: the train config's `loss` entry holds
+    exactly them, with these defaults, and the train step passes them as `**config.loss`.
+
     Args:
       query, positive: `[B, D]` raw (un-normalised) embeddings; row i of each is a pair.
       negatives: `[B, K, D]` raw hard-negative embeddings, or None.
-      dims: MRL prefix sizes; each prefix is L2-renormalised before the cosine.
+      dims: MRL prefix sizes; each prefix is L2-renormalised before the cosine; empty: the
+        full width D only (the train step passes the model's `mrl_dims` when `loss.dims` is empty).
       temperature: logits are `cos / temperature`.
       query_ids, positive_ids, negative_ids: text-identity hashes `[B]` / `[B, W]`
         (`[B, K]` / `[B, K, W]` for negatives); equal ids mean the same text.
       negatives_mask: `[B, K]` bool, True where a hard-negative slot holds a real negative.
-      dim_weights: weight of each dim's loss (default 1 each); the total is the weighted sum.
+      dim_weights: weight of each dim's loss (empty: 1 each); the total is the weighted sum.
       global_hard_negatives: every row's hard negatives are negatives for every row
         (t5x_retrieval's `[B, B * (1 + K)]` logits) instead of only the row's own.
       mask_duplicates: apply the text-identity masks (needs ids; without ids nothing is masked).
@@ -173,7 +171,7 @@ def matryoshka_nce(
       regularised, and at the largest dim `accuracy`, `pos_sim`, `neg_sim` (kept
       in-batch columns) and `hard_neg_sim` (kept hard negatives).
     """
-    dims = tuple(dims)
+    dims = tuple(dims) or (query.shape[-1],)
     _check_inputs(query, positive, negatives, dims, query_ids, positive_ids, negative_ids, negatives_mask)
     if dim_weights is None or len(dim_weights) == 0:
         dim_weights = (1.0,) * len(dims)
@@ -270,27 +268,3 @@ def matryoshka_nce(
     metrics["loss"] = total
     return total, metrics
 
-
-def default_loss_config() -> dict[str, Any]:
-    """Defaults of every loss option, keyed as in the train config's `loss` entry."""
-    return {"dims": (768,), "dim_weights": (), "temperature": 0.05, "global_hard_negatives": False,
-            "mask_duplicates": True, "literal_mask": False, "same_tower": False, "symmetric": False,
-            "hardness_alpha": 0.0, "spread_out_weight": 0.0}
-
-
-def loss_options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of `matryoshka_nce` from the train config's `loss` ConfigDict (or a dict)."""
-    items = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    unknown = sorted(set(items) - set(LOSS_OPTION_NAMES))
-    if unknown:
-        raise ValueError(f"unknown loss option(s) {unknown}; known: {list(LOSS_OPTION_NAMES)}")
-    opts = default_loss_config()
-    opts.update(items)
-    opts["dims"] = tuple(int(d) for d in opts["dims"])
-    opts["dim_weights"] = tuple(float(w) for w in opts["dim_weights"]) or None
-    opts["temperature"] = float(opts["temperature"])
-    opts["hardness_alpha"] = float(opts["hardness_alpha"])
-    opts["spread_out_weight"] = float(opts["spread_out_weight"])
-    for flag in ("global_hard_negatives", "mask_duplicates", "literal_mask", "same_tower", "symmetric"):
-        opts[flag] = bool(opts[flag])
-    return opts

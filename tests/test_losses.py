@@ -1,13 +1,14 @@
 """Matryoshka NCE against an independent NumPy reference written with plain Python loops."""
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from embedder.losses import loss_options_from_config, matryoshka_nce
+from embedder.losses import matryoshka_nce
+from embedder.train.config import base_config, loss_options
 
 RTOL = 1e-5
 
@@ -338,15 +339,23 @@ def test_bad_inputs_explain_the_fix():
 
 
 def test_options_from_config():
-    cfg = ml_collections.ConfigDict({"dims": (8, 32), "dim_weights": (), "temperature": 0.05,
-                                     "global_hard_negatives": True, "mask_duplicates": True,
-                                     "literal_mask": False, "same_tower": True, "symmetric": False,
-                                     "hardness_alpha": 5.0, "spread_out_weight": 0.0})
-    opts = loss_options_from_config(cfg)
+    """The train config's `loss` entry is `matryoshka_nce`'s keyword arguments, passed as `**config.loss`."""
+    cfg = base_config().loss
+    cfg.update({"dims": (8, 32), "global_hard_negatives": True, "same_tower": True, "hardness_alpha": 5.0})
     b = random_batch(11)
-    got, _ = _call(b["q"], b["p"], b["n"], **_args(b), **opts)
     want, _ = reference_loss(b["q"], b["p"], b["n"], **_args(b), dims=(8, 32), temperature=0.05,
                              global_hard_negatives=True, same_tower=True, hardness_alpha=5.0)
-    assert _rel(got, want) <= RTOL
-    with pytest.raises(ValueError, match="unknown loss option"):
-        loss_options_from_config({"dims": (8,), "temprature": 0.1})
+    for opts in (cfg, loss_options(cfg)):
+        got, _ = _call(b["q"], b["p"], b["n"], **_args(b), **opts)
+        assert _rel(got, want) <= RTOL
+    assert set(cfg) == set(inspect.signature(matryoshka_nce).parameters) - {
+        "query", "positive", "negatives", "query_ids", "positive_ids", "negative_ids", "negatives_mask"}
+    with pytest.raises(ValueError, match=r"unknown loss option\(s\) \['temprature'\].*valid: .*'temperature'"):
+        loss_options({"dims": (8,), "temprature": 0.1})
+
+
+def test_empty_dims_is_the_full_width():
+    b = random_batch(12)
+    got, metrics = _call(b["q"], b["p"], b["n"], **_args(b))
+    want, _ = reference_loss(b["q"], b["p"], b["n"], **_args(b), dims=(b["q"].shape[1],), temperature=0.05)
+    assert _rel(got, want) <= RTOL and f"loss_d{b['q'].shape[1]}" in metrics

@@ -1,28 +1,42 @@
-"""The training config schema: `base_config()` holds every field with its default.
-
-Experiment files (`experiments/NAME.py`) start from `base_config()` and change
-what they need; `python -m embedder.train --config experiments/NAME.py:ARG`
-loads them (big_vision style) and any field can then be overridden with
-`--config.a.b=value`. Fields that do not exist are rejected, because the
-config is locked. `check_config` rejects settings that cannot run (`ConfigError`,
-naming the field and the fix) before any data is prepared or compiled.
-"""
+"""The training config schema: `base_config()` holds every field with its default, and
+`check_config` rejects settings that cannot run (experiments start from `base_config()`)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
+from typing import Any, Mapping
 
 import ml_collections
+
+from embedder.data.data_config import default_data_config
+from embedder.losses import matryoshka_nce
+from embedder.model.config import get_model_config
 
 ConfigDict = ml_collections.ConfigDict
 
 
 def model_config_dict(name: str, **overrides) -> ConfigDict:
     """The named architecture as a ConfigDict, so each field is overridable."""
-    from embedder.model.config import get_model_config
-
     return ConfigDict(get_model_config(name, **overrides).to_dict())
+
+
+def loss_defaults() -> dict[str, Any]:
+    """The loss options and their defaults: `matryoshka_nce`'s keyword-only arguments."""
+    return {name: p.default for name, p in inspect.signature(matryoshka_nce).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def loss_options(loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Every loss option, `loss_cfg` (the config's `loss` entry or a dict) over the defaults;
+    an unknown option is a one-line error naming it and the valid ones."""
+    given = dict(loss_cfg.items())
+    defaults = loss_defaults()
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown loss option(s) {unknown} (config.loss); valid: {sorted(defaults)}")
+    return {**defaults, **given}
 
 
 def base_config() -> ConfigDict:
@@ -46,18 +60,8 @@ def base_config() -> ConfigDict:
     c.prompts = ConfigDict({"query": "task: {task} | query: {text}",
                             "document": "title: {title} | text: {text}"})
 
-    c.loss = ConfigDict({
-        "dims": (64,),
-        "dim_weights": (),
-        "temperature": 0.05,
-        "global_hard_negatives": False,
-        "mask_duplicates": True,
-        "literal_mask": False,
-        "same_tower": False,
-        "symmetric": False,
-        "hardness_alpha": 0.0,
-        "spread_out_weight": 0.0,
-    })
+    # matryoshka_nce's keyword arguments, its defaults (embedder/losses.py documents them).
+    c.loss = ConfigDict(loss_defaults())
 
     c.optimizer = ConfigDict({
         "name": "adamw",
@@ -73,8 +77,6 @@ def base_config() -> ConfigDict:
         "grad_clip_norm": 1.0,
         "frozen": (),               # regexes of parameter paths to keep fixed
     })
-
-    from embedder.data.data_config import default_data_config
 
     c.data = default_data_config()
 

@@ -16,7 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder import sharding
-from embedder.losses import loss_options_from_config, matryoshka_nce
+from embedder.losses import matryoshka_nce
+from embedder.train.config import loss_options
 from embedder.train.grad_cache import cached_value_and_grad
 from embedder.train.optim import frozen_labels
 from embedder.train.state import TrainState, create_train_state  # noqa: F401  (re-exported)
@@ -84,17 +85,18 @@ def _check_text_ids(batch: Mapping[str, jax.Array], with_negatives: bool) -> Non
 
 
 def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-               loss_options: Mapping[str, Any]) -> tuple[jax.Array, dict]:
-    """Matryoshka NCE of a batch's embeddings, with its text-identity hashes and negative validity."""
+               options: Mapping[str, Any]) -> tuple[jax.Array, dict]:
+    """Matryoshka NCE of a batch's embeddings, with its text-identity hashes and negative validity;
+    `options`: every loss option (`config.loss_options`)."""
     negatives = embeddings.get("negative")
-    if loss_options.get("mask_duplicates"):
+    if options["mask_duplicates"]:
         _check_text_ids(batch, negatives is not None)
     return matryoshka_nce(
         embeddings["query"], embeddings["positive"], negatives, query_ids=batch.get("query_hash"),
         positive_ids=batch.get("positive_hash"),
         negative_ids=batch.get("negative_hash") if negatives is not None else None,
         negatives_mask=batch.get("negatives_valid") if negatives is not None else None,
-        **loss_options)
+        **options)
 
 
 def stop_frozen_gradients(params, frozen: Sequence[str]):
@@ -110,7 +112,7 @@ def stop_frozen_gradients(params, frozen: Sequence[str]):
 def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequence[str] = ()):
     """`(params, batch, rng) -> ((loss, metrics), grads)`, full-batch or gradient-cached; the
     gradient of parameters matching a `frozen` regex is zero and never computed."""
-    loss_options = loss_options_from_config(loss_config)
+    options = loss_options(loss_config)
     chunks = int(grad_cache_chunks)
     if chunks < 0:
         raise ValueError(f"grad_cache_chunks must be >= 0 (0 or 1: off), got {chunks}")
@@ -120,7 +122,7 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequ
         return embed_batch(model, stop_frozen_gradients(params, frozen), batch, rng)
 
     def loss_of_embeddings(batch):
-        return lambda emb: batch_loss(emb, batch, loss_options)
+        return lambda emb: batch_loss(emb, batch, options)
 
     if chunks <= 1:
         def grad_fn(params, batch, rng):
@@ -144,7 +146,7 @@ def make_train_step(model, loss_config, optimizer: optax.GradientTransformation,
                     grad_cache_chunks: int = 0, frozen: Sequence[str] = ()) -> Callable:
     """A pure `(state, batch, rng) -> (state, metrics)` for `jit_train_step`.
 
-    `loss_config`: the train config's `loss` entry (see `embedder.losses.loss_options_from_config`).
+    `loss_config`: the train config's `loss` entry or a dict: `matryoshka_nce`'s keyword arguments.
     `grad_cache_chunks > 1` computes the gradient with the gradient cache in that many chunks.
     `frozen`: the optimizer's frozen-path regexes (`optimizer.frozen`), whose gradients are
     then not computed at all (the optimizer keeps those parameters fixed either way).
