@@ -4,25 +4,9 @@
                             [--task RETRIEVAL_DIR ...] [--select-task DIR ...] [--split-seed N]
                             [--metric NAME] [--dim D] CKPT [CKPT ...]
 
-Ingredients are workdirs (newest step, or best with --best-metric), checkpoint step
-directories, parameter exports, soups, sweep directories (expanded to their runs), or
-Hugging Face / sentence-transformers folders (converted in memory, as `Embedder.load` does;
-e.g. WiSE-FT: a fine-tuned workdir and its base folder, `--method weighted --weights 1,1`).
-Ingredients of one architecture saved in different layer layouts (a `scan_layers=True` run
-and an unrolled export or HF folder) are brought to the layout of the soup's first
-ingredient (`embedder.model.layer_stack`), whose spec the soup takes; for greedy soups that
-is the best-scoring ingredient, listed first in soup.json.
-Selection never sees the queries you report: `--task DIR` (a retrieval task) scores only
-the selection half of its queries (`embedder.evaluate.query_split`, a seeded hash of each
-query id; `--split-seed`), and `python -m embedder.evaluate --queries report` scores the
-other half; `--select-task DIR` scores a whole task of any type, one you do not report.
-soup.json records the tasks, the split and each half's query count.
-Arithmetic: each ingredient is cast to float32 and added to a float32 running sum in
-the order given (`uniform`: the sum times float32(1/N); `weighted`: the sum of
-float32(w_i / sum w) * p_i), then cast back to the ingredients' dtype. The result is
-bitwise equal to that plain sequential NumPy computation. There is deliberately no
-division: XLA's float32 division is not correctly rounded on CPU (nor on TPU), while
-addition and multiplication are, so the soup does not depend on the backend.
+Selection never sees the queries you report: `--task DIR` scores only the selection half of a
+retrieval task's queries (`embedder.evaluate.query_split`), `python -m embedder.evaluate
+--queries report` the other half; soup.json records the tasks and the split.
 """
 from __future__ import annotations
 
@@ -33,9 +17,14 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from embedder import checkpoint, model_store
 from embedder.cli_args import OneLineErrorParser
+from embedder.inference import Embedder
 # Public here too: expand_ingredients, locate_ingredients, SoupError.
 from embedder.soup_ingredients import (SoupError, _locate, expand_ingredients,  # noqa: F401
                                        layer_layout, locate_ingredients, to_layer_layout)
@@ -70,11 +59,6 @@ def auto_shardings(location_or_tree):
 
     Returns None on a single device, where host numpy arrays are the cheapest place.
     """
-    import jax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec
-
-    from embedder import model_store
-
     n = jax.device_count()
     if n == 1:
         return None
@@ -95,7 +79,14 @@ def auto_shardings(location_or_tree):
 
 
 class RunningSum:
-    """float32 sum of weighted parameter trees; holds one tree besides the ingredient being added."""
+    """float32 sum of weighted parameter trees; holds one tree besides the ingredient being added.
+
+    Each ingredient is cast to float32 and added in the order given (`uniform`: the sum times
+    float32(1/N); `weighted`: the sum of float32(w_i / sum w) * p_i), then cast back to the
+    ingredients' dtype: bitwise equal to that plain sequential NumPy computation. There is
+    deliberately no division: XLA's float32 division is not correctly rounded on CPU (nor on
+    TPU), while addition and multiplication are, so the soup does not depend on the backend.
+    """
 
     def __init__(self):
         self.total = None
@@ -103,9 +94,6 @@ class RunningSum:
         self.count = 0
 
     def add(self, params, weight: float | None = None) -> None:
-        import jax
-        import jax.numpy as jnp
-
         def term(x):
             x = jnp.asarray(x, jnp.float32) if not isinstance(x, jax.Array) else x.astype(jnp.float32)
             return x if weight is None else x * jnp.float32(weight)
@@ -118,8 +106,6 @@ class RunningSum:
         self.count += 1
 
     def result(self, divide_by: int | None = None):
-        import jax
-
         if divide_by:
             scale = np.float32(1.0 / divide_by)
             return jax.tree.map(lambda s, d: (s * scale).astype(d), self.total, self.dtypes)
@@ -140,11 +126,16 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
               shard: bool = True):
     """Builds a soup -> `(params, spec, report)`; `report` is what soup.json records.
 
-    `score_fn(params, spec) -> float` (higher is better) scores ingredients and the
+    `paths`: workdirs (newest step, or best with `best_metric`), checkpoint step directories,
+    parameter exports, soups, sweep directories (expanded to their runs), or Hugging Face /
+    sentence-transformers folders (converted in memory, as `Embedder.load` does; e.g. WiSE-FT:
+    a fine-tuned workdir and its base folder, weighted 1,1). Ingredients of one architecture
+    saved in different layer layouts (a `scan_layers=True` run and an unrolled export) are
+    brought to the layout of the soup's first ingredient (`embedder.model.layer_stack`), whose
+    spec the soup takes; for greedy soups that is the best-scoring ingredient, listed first in
+    soup.json. `score_fn(params, spec) -> float` (higher is better) scores ingredients and the
     soup; `greedy` needs it, the other methods use it when given.
     """
-    from embedder import model_store
-
     if method not in METHODS:
         raise SoupError(f"unknown soup method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "greedy" and score_fn is None:
@@ -166,8 +157,6 @@ def make_soup(paths: Sequence, *, method: str = "uniform", weights: Sequence[flo
         """Ingredient i's params in the layer layout (and placement) of ingredient `first`."""
         out = to_layer_layout(params, specs[i], layer_layout(trees[first]), names[i])
         if out is not params and shardings[first] is not None:
-            import jax
-
             out = jax.device_put(out, shardings[first])
         return out
 
@@ -223,8 +212,6 @@ def _greedy(locations, specs, load, to_soup_layout, score_fn, entries):
 
 def write_soup(out_dir, params, spec, report, *, overwrite: bool = False) -> pathlib.Path:
     """Writes the soup as a parameter export plus soup.json (loadable by Embedder.load)."""
-    from embedder import checkpoint
-
     return checkpoint.save_params(out_dir, params, spec, overwrite=overwrite,
                                   extra_files={checkpoint.SOUP_FILE: report})
 
@@ -235,6 +222,7 @@ def selection_tasks(split_dirs: Sequence = (), whole_dirs: Sequence = (), *, see
     """The tasks a soup is scored on -> `(tasks, record)`: the selection half of the queries of
     each retrieval task in `split_dirs` (`embedder.evaluate.query_split`) and the whole of each
     task in `whole_dirs`; `record` is what soup.json says about them."""
+    # Here, not at the top: embedder.evaluate imports scikit-learn (~2 s), needed only to score tasks.
     from embedder.evaluate.query_split import describe_split, split_task
     from embedder.evaluate.tasks import load_task
 
@@ -252,10 +240,10 @@ def task_scorer(tasks: Sequence, *, metric: str | None = None, dim: int | None =
                 max_queries: int | None = None, batch_size: int = 64) -> ScoreFn:
     """Score = mean over tasks (`Task`s or task directories) of `metric` (default: each task
     type's main metric) at `dim` (default: full), on the in-memory params (nothing is written)."""
+    # Here, not at the top: embedder.evaluate imports scikit-learn (~2 s), needed only to score tasks.
     from embedder.evaluate.report import MAIN_METRIC
     from embedder.evaluate.runner import evaluate_tasks
     from embedder.evaluate.tasks import Task, load_task
-    from embedder.inference import Embedder
 
     tasks = [t if isinstance(t, Task) else load_task(t) for t in tasks]
 

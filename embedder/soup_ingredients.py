@@ -4,12 +4,17 @@ brought to the first ingredient's layer layout). Nothing here reads parameter ar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from embedder import checkpoint, model_store
+from embedder.model.config import RUN_FIELDS, ModelConfig
+from embedder.model.layer_stack import is_stacked, match_layer_layout
 from embedder.sweep import SWEEP_FILE, read_record
 
 log = logging.getLogger("embedder.soup")
@@ -54,8 +59,6 @@ def locate_ingredients(paths: Sequence, *, best_metric: str | None = None, best_
 def _locate(paths, *, best_metric, best_mode):
     """`(locations, specs, trees)`: each ingredient's `ModelLocation`, spec and params tree of
     `jax.ShapeDtypeStruct`s (in its own layer layout), checked as `locate_ingredients` says."""
-    from embedder import checkpoint, model_store
-
     paths = expand_ingredients(paths)
     if not paths:
         raise SoupError("no ingredients given: pass at least one checkpoint, workdir, export, sweep dir "
@@ -81,16 +84,12 @@ def _locate(paths, *, best_metric, best_mode):
 def _abstract(metadata_tree):
     """A metadata tree (Orbax's or an HF folder's) as `jax.ShapeDtypeStruct` leaves, which
     the `embedder.model.layer_stack` converters take."""
-    import jax
-
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), metadata_tree)
 
 
 def layer_layout(params) -> bool | None:
     """True for the scanned layer layout (`encoder/layers`), False for the unrolled one
     (`encoder/layer_{i}`), None for a tree without an encoder (nothing to convert)."""
-    from embedder.model.layer_stack import is_stacked
-
     try:
         return is_stacked(params)
     except ValueError:
@@ -105,9 +104,6 @@ def to_layer_layout(params, spec: dict, stacked: bool | None, name: str):
     current = layer_layout(params)
     if stacked is None or current is None or current == stacked:
         return params
-    from embedder.model.config import ModelConfig
-    from embedder.model.layer_stack import match_layer_layout
-
     want = "scanned" if stacked else "unrolled"
     try:
         cfg = ModelConfig.from_dict(dict(spec.get("model") or {}, scan_layers=stacked))
@@ -139,10 +135,6 @@ def check_compatible(metas: Sequence[dict], names: Sequence[str]) -> None:
 def _architecture(model: dict) -> dict:
     """A spec's model config without the run-time fields (`RUN_FIELDS`), a missing field
     read as its default (specs written before the field existed)."""
-    import dataclasses
-
-    from embedder.model.config import RUN_FIELDS, ModelConfig
-
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
     def norm(v):

@@ -1,19 +1,5 @@
-"""Token lengths of the whole global batch, so that every host pads its slice to the same bucket.
-
-Each host tokenises only its own rows, but `jax.make_array_from_process_local_data` needs the
-same shapes on all hosts, so the padded length is the bucket of the longest row of the GLOBAL
-batch. `GlobalLengths` caches each record's token lengths (learnt for free when this host
-tokenises the record as one of its rows) and, for another host's row whose record it has not
-seen, reads and tokenises that record for its lengths only: at most once per record (again
-only where a later epoch picks other hard negatives of it), so a host reads at most the
-records it was not itself given in the first epoch, however long the run; and not at all
-once the rows known so far already reach the largest bucket. Exact: the lengths come from
-the same tokeniser calls as the batch's.
-
-With `data.packing` the same lengths give every host the same packed row count:
-`sequence_lengths` lists each sequence of any host's slice (learning every unknown length;
-no bucket shortcut there), and `packed_rows` is the rows the fullest slice needs.
-"""
+"""Token lengths of the whole global batch, so that every host pads (or packs) its slice to the
+same shape."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +12,22 @@ def _saturated(buckets, longest: int) -> bool:
 
 
 class GlobalLengths:
-    """Per-record query / positive / negative token lengths of a `TrainIterator`'s datasets."""
+    """Per-record query / positive / negative token lengths of a `TrainIterator`'s datasets.
+
+    Each host tokenises only its own rows, but `jax.make_array_from_process_local_data` needs the
+    same shapes on all hosts, so the padded length is the bucket of the longest row of the GLOBAL
+    batch. `GlobalLengths` caches each record's token lengths (learnt for free when this host
+    tokenises the record as one of its rows) and, for another host's row whose record it has not
+    seen, reads and tokenises that record for its lengths only: at most once per record (again
+    only where a later epoch picks other hard negatives of it), so a host reads at most the
+    records it was not itself given in the first epoch, however long the run; and not at all
+    once the rows known so far already reach the largest bucket. Exact: the lengths come from
+    the same tokeniser calls as the batch's.
+
+    With `data.packing` the same lengths give every host the same packed row count:
+    `sequence_lengths` lists each sequence of any host's slice (learning every unknown length;
+    no bucket shortcut there), and `packed_rows` is the rows the fullest slice needs.
+    """
 
     def __init__(self, iterator):
         self.it = iterator

@@ -1,26 +1,7 @@
 """The training input pipeline: prepared datasets -> host-local, bucketed, tokenised batches.
 
-`make_train_iterator(data_config, tokenizer=..., prompts=..., global_batch_size=..., seed=...)`
-returns a `TrainIterator` whose batches follow ARCHITECTURE.md "Batches" (numpy, this host's
-rows; packed with `data_config.packing`) and whose `get_state()`/`set_state()` make a resumed run see exactly the same batches.
-
-`data_config`: see `embedder.data.data_config` for every option and its default.
-
-The batches do not depend on the process count. Each dataset has ONE global order (a seeded
-permutation of all its records per epoch) and `MixtureSchedule` decides, from (seed, step)
-alone, which dataset feeds each row of the global batch; a row's record is the next unused
-position of its dataset's order. Host p of P takes rows [p*B/P, (p+1)*B/P) of every global
-batch and reads only those records (random access), so the hosts' slices, concatenated in
-process order, are exactly the global batch of a 1-process run (until a host has seen a record
-once, it may also read another host's record for its token lengths; see below). All hosts pad to the bucket of
-the global batch's longest row (`global_lengths.GlobalLengths`), so their arrays have one shape;
-with `data.packing`, likewise, every host packs into the row count the fullest host slice needs,
-and numbers its packed sequences as the global batch does (`global_sequence_ids`).
-The iterator state is the step counter plus a fingerprint of the data setup (no process count:
-a run may resume on another host count); take `get_state()` when the batches of the completed
-steps have been consumed and no more. With a shared `data_dir`, prepare datasets once (one
-host, or ahead of the job) before many hosts open them.
-"""
+`make_train_iterator` returns a `TrainIterator` whose batches follow ARCHITECTURE.md "Batches"
+(options: `embedder.data.data_config`) and whose `get_state()`/`set_state()` resume exactly."""
 from __future__ import annotations
 
 import atexit
@@ -85,7 +66,23 @@ def global_sequence_ids(ids: np.ndarray, n: int, lo: int, b: int, k: int) -> np.
 
 
 class TrainIterator:
-    """Host-local batches of a task mixture; exact save/restore via `get_state`/`set_state`."""
+    """Host-local batches of a task mixture; exact save/restore via `get_state`/`set_state`.
+
+    The batches do not depend on the process count. Each dataset has ONE global order (a seeded
+    permutation of all its records per epoch) and `MixtureSchedule` decides, from (seed, step)
+    alone, which dataset feeds each row of the global batch; a row's record is the next unused
+    position of its dataset's order. Host p of P takes rows [p*B/P, (p+1)*B/P) of every global
+    batch and reads only those records (random access), so the hosts' slices, concatenated in
+    process order, are exactly the global batch of a 1-process run (a host may also read another
+    host's record once, for its token lengths). All hosts pad to the bucket of the global batch's
+    longest row (`global_lengths.GlobalLengths`), so their arrays have one shape;
+    with `data.packing`, likewise, every host packs into the row count the fullest host slice needs,
+    and numbers its packed sequences as the global batch does (`global_sequence_ids`).
+    The iterator state is the step counter plus a fingerprint of the data setup (no process count:
+    a run may resume on another host count); take `get_state()` when the batches of the completed
+    steps have been consumed and no more. With a shared `data_dir`, prepare datasets once (one
+    host, or ahead of the job) before many hosts open them.
+    """
 
     def __init__(self, datasets, entries, data_config, *, tokenizer, prompts, global_batch_size, seed,
                  process_index=0, process_count=1, row_multiple=8):
