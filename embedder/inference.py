@@ -91,14 +91,15 @@ class Embedder:
                dim: int | None = None, batch_size: int = 64,
                titles: Sequence[str | None] | None = None,
                max_length: int | None = None) -> np.ndarray:
-        """`(N, dim)` float32 rows, L2-normalised after truncation to the first `dim` coordinates.
+        """`(N, dim)` float32 rows, L2-normalised after truncation to the first `dim` coordinates
+        (default: the largest of the model's Matryoshka dims, `model.mrl_dims`, else the full width).
 
         `max_length` truncates texts to fewer tokens than the model's own limit."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings; wrap a single text: encode([text])")
         texts = list(texts)
         full = self.embedding_dim
-        dim = full if dim is None else int(dim)
+        dim = max(self.config.matryoshka_dims) if dim is None else int(dim)
         if not 0 < dim <= full:
             raise ValueError(f"dim={dim} must be in 1..{full} (the model's embedding size)")
         if batch_size < 1:

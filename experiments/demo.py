@@ -35,7 +35,6 @@ def get_config(arg: str = "prefinetune"):
     c.model = model_config_dict("small")
     c.tokenizer.file = "debian_sp8k.model"
     c.tokenizer.max_length = 128
-    c.loss.dims = (64, 32, 16)
     c.loss.temperature = 0.05
 
     c.data.datasets = [{"name": "debian_pairs", "builder": "debian", "task": "search result", "weight": 1.0}]

@@ -92,7 +92,6 @@ def get_config(arg: str = "stage1", settings: dict | None = None, source_model: 
     c.grad_cache_chunks = st.get("chunks", 0)
     c.total_steps = st["steps"]
     c.log_every = 1
-    c.loss.dims = MRL_DIMS
     c.loss.temperature = s["temperature"]
     c.optimizer.learning_rate = st["lr"]
     c.optimizer.warmup_steps = st["warmup"]

@@ -21,7 +21,6 @@ def get_config(arg: str = ""):
     files = [str(pathlib.Path(p).expanduser()) for p in arg.split(",") if p]
     c = base_config()
     c.model = model_config_dict("small")
-    c.loss.dims = (64, 32, 16)
     c.batch_size = 64
     c.total_steps = 200
     c.data.datasets = [{"name": pathlib.Path(files[0]).name.split(".")[0] or "data", "builder": "jsonl",

@@ -73,7 +73,6 @@ def get_config(arg: str = ""):
     total = s["steps"] + s["section_steps"]
     c.total_steps = total
     c.log_every = 10
-    c.loss.dims = MRL_DIMS
     c.loss.temperature = s["temperature"]
     c.optimizer.learning_rate = s["lr"]
     c.optimizer.warmup_steps = max(1, int(s["warmup_fraction"] * total))

@@ -158,7 +158,9 @@ def _fake_embedder_module(monkeypatch, loaded):
         @classmethod
         def load(cls, path):
             loaded.append(path)
-            return HashingEncoder(16)
+            encoder = HashingEncoder(16)
+            encoder.config = types.SimpleNamespace(matryoshka_dims=(16, 8))   # the model's own dims
+            return encoder
 
     module.Embedder = Embedder
     monkeypatch.setitem(sys.modules, "embedder.inference", module)
@@ -186,7 +188,7 @@ def test_cli_help_bad_flags_bad_task_and_a_run(tmp_path, task_dirs, monkeypatch,
     assert "exceed the model's output dim 16" in capsys.readouterr().err
     out = tmp_path / "res" / "r.json"
     rc = main(["--model", "mymodel", "--task", str(task_dirs["sts"]), "--task", str(task_dirs["reranking"]),
-               "--dims", "16,8", "--out", str(out), "--batch_size", "8",
+               "--out", str(out), "--batch_size", "8",   # no --dims: the model's own (16, 8)
                "--plot", str(tmp_path / "dims.png")])
     assert rc == 0 and loaded == ["m", "mymodel"]
     printed = capsys.readouterr().out

@@ -143,6 +143,9 @@ def test_encode_max_length_and_overrides(minilm_path):
     assert np.abs(full - short).max() > 1e-3
     with pytest.raises(ValueError, match="max_length=300"):
         ours.encode(["x"], max_length=300)
+    mrl = Embedder.load(minilm_path, config_overrides={"mrl_dims": (128, 64)})
+    np.testing.assert_allclose(mrl.encode(TEXTS), ours.encode(TEXTS, dim=128), atol=1e-6)  # the model's dims
+    assert full.shape == (1, 384)   # no mrl_dims: the full width
     fast = Embedder.load(minilm_path, config_overrides={"attention_impl": "dot_product_attention"})
     assert fast.config.attention_impl == "dot_product_attention"
     np.testing.assert_allclose(fast.encode(TEXTS), ours.encode(TEXTS), atol=1e-5, rtol=0)

@@ -359,3 +359,17 @@ def test_frozen_parameters_get_no_gradient_computed_and_train_as_before():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_dims_default_to_the_model_s_own():
+    """An empty `loss.dims` trains the model's `mrl_dims`; explicit dims override them (traced only)."""
+    from embedder.model import EmbeddingModel, get_model_config
+    from embedder.train.step import make_grad_fn
+
+    model = EmbeddingModel(get_model_config("tiny", vocab_size=VOCAB))   # mrl_dims (32, 16, 8)
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), batch["query_ids"],
+                                                             batch["query_mask"])["params"]))
+    for loss, want in (({}, {32, 16, 8}), ({"dims": (16,)}, {16})):
+        (_, metrics), _ = jax.eval_shape(make_grad_fn(model, loss), params, batch, jax.random.key(1))
+        assert {int(k[len("loss_d"):]) for k in metrics if k.startswith("loss_d")} == want

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", required=True, metavar="DIR",
                    help="task directory (BEIR / MTEB layout, see embedder/evaluate/tasks.py); repeatable")
     p.add_argument("--dims", type=_dims, default=None, help="comma-separated MRL dims, e.g. 768,256 "
-                   "(default: the model's full output dim)")
+                   "(default: the model's own Matryoshka dims, else its full output dim)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON here")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write a score-vs-dim plot here")
     p.add_argument("--batch_size", type=_positive, default=64, help="encoding batch size (default 64)")
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
             print(f"python -m embedder.evaluate: error: --dims {too_big} exceed the model's output dim {full}",
                   file=sys.stderr)
             return 2
+    args.dims = args.dims or list(model.config.matryoshka_dims)
     results = evaluate_tasks(model, tasks, args.dims, batch_size=args.batch_size, top_k=args.top_k,
                              seeds=args.seeds, progress=True)
     for name, split in splits.items():

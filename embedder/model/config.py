@@ -127,6 +127,12 @@ class ModelConfig:
         """Width of the model output (last projection, or the hidden size without one)."""
         return self.projection_dims[-1] if self.projection_dims else self.hidden_size
 
+    @property
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        """The model's Matryoshka dims, which the training loss, evaluation and `Embedder.encode`
+        default to: `mrl_dims`, or the full `embedding_dim` alone when it has none."""
+        return tuple(self.mrl_dims) or (self.embedding_dim,)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k, v in d.items():

@@ -60,7 +60,8 @@ def base_config() -> ConfigDict:
     c.prompts = ConfigDict({"query": "task: {task} | query: {text}",
                             "document": "title: {title} | text: {text}"})
 
-    # matryoshka_nce's keyword arguments, its defaults (embedder/losses.py documents them).
+    # matryoshka_nce's keyword arguments, its defaults (embedder/losses.py documents them);
+    # loss.dims empty: the model's own model.mrl_dims.
     c.loss = ConfigDict(loss_defaults())
 
     c.optimizer = ConfigDict({
@@ -84,7 +85,7 @@ def base_config() -> ConfigDict:
         "tasks": (),                # task directories (BEIR / MTEB formats)
         "every_steps": 0,           # 0: only at the end
         "at_start": True,           # also evaluate the initial model
-        "dims": (),                 # MRL dims to report; empty: loss.dims
+        "dims": (),                 # MRL dims to report; empty: the model's (model.mrl_dims)
         "batch_size": 128,
         "max_queries": 0,           # >0: subsample queries / texts during training evals
         "best_metric": "",          # e.g. "eval/DebianRetrieval/ndcg_at_10@64" (eval/<task name>/<metric>@<dim>); empty: last N only

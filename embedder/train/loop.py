@@ -207,7 +207,7 @@ class Trainer:
         from embedder.evaluate import evaluate_tasks, flatten_results
         from embedder.inference import Embedder
 
-        dims = tuple(self.config.eval.dims) or tuple(self.config.loss.dims)
+        dims = tuple(self.config.eval.dims) or self.model.config.matryoshka_dims
         encoder = Embedder(self.state.params, self.spec, tokenizer=self.tokenizer)
         t0 = time.time()
         results = evaluate_tasks(encoder, tasks, dims=dims, batch_size=self.config.eval.batch_size,

@@ -113,6 +113,8 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequ
     """`(params, batch, rng) -> ((loss, metrics), grads)`, full-batch or gradient-cached; the
     gradient of parameters matching a `frozen` regex is zero and never computed."""
     options = loss_options(loss_config)
+    if not options["dims"] and hasattr(model, "config"):  # the model's own Matryoshka dims
+        options["dims"] = model.config.matryoshka_dims
     chunks = int(grad_cache_chunks)
     if chunks < 0:
         raise ValueError(f"grad_cache_chunks must be >= 0 (0 or 1: off), got {chunks}")
@@ -146,7 +148,8 @@ def make_train_step(model, loss_config, optimizer: optax.GradientTransformation,
                     grad_cache_chunks: int = 0, frozen: Sequence[str] = ()) -> Callable:
     """A pure `(state, batch, rng) -> (state, metrics)` for `jit_train_step`.
 
-    `loss_config`: the train config's `loss` entry or a dict: `matryoshka_nce`'s keyword arguments.
+    `loss_config`: the train config's `loss` entry or a dict: `matryoshka_nce`'s keyword arguments;
+    empty `dims`: the model's `config.matryoshka_dims` (`model.mrl_dims`).
     `grad_cache_chunks > 1` computes the gradient with the gradient cache in that many chunks.
     `frozen`: the optimizer's frozen-path regexes (`optimizer.frozen`), whose gradients are
     then not computed at all (the optimizer keeps those parameters fixed either way).

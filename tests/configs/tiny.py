@@ -23,7 +23,6 @@ def get_config(arg: str = ""):
     c.mesh.shape = (-1, 1, 1)
     c.model = model_config_dict("tiny", projection_dims=(32,), mrl_dims=(32, 16))
     c.tokenizer.max_length = 32
-    c.loss.dims = (32, 16)
     c.loss.temperature = 0.05
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 2
