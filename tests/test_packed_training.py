@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import write_debian_pairs
+from embedder.data.batch_schema import global_batch_shapes, sequence_shapes, token_counts
 from embedder.data.packing import pack_batch
 from embedder.train import compile_only as co
 from embedder.train import loop
-from embedder.train.batches import token_counts
 
 
 def _tiny_config(pairs, repo_root, **changes):
@@ -49,17 +49,17 @@ def test_packing_with_the_gradient_cache_compiles_with_rows_for_every_chunk(pair
     loop.check_config(config)
     report = co.compile_train_step(config)   # 8 local CPU devices x 2 chunks: rows a multiple of 16
     assert report.fits and not report.error
-    assert co.global_batch_shapes(config, row_multiple=16)["packed_ids"].shape[0] % 16 == 0
+    assert global_batch_shapes(config, row_multiple=16)["packed_ids"].shape[0] % 16 == 0
 
 
 def test_compile_only_shapes_of_packed_batches(pairs, repo_root):
     config = _tiny_config(pairs, repo_root, data__packing=True, data__num_negatives=1)
-    shapes = co.global_batch_shapes(config, row_multiple=8)
+    shapes = global_batch_shapes(config, row_multiple=8)
     # 16 queries of 16 tokens (two a row) + 32 documents of 32 tokens: 40 rows of 32.
     assert shapes["packed_ids"].shape == shapes["packed_positions"].shape == (40, 32)
     assert "query_ids" not in shapes and "negative_mask" not in shapes
     assert shapes["negatives_valid"].shape == (16, 1) and shapes["negative_hash"].shape == (16, 1, 2)
-    assert co.sequences_per_step(shapes) == [(40, 32)]
+    assert sequence_shapes(shapes) == [(40, 32)]
     report = co.compile_train_step(config)   # the 8 local CPU devices: rows a multiple of 8
     assert report.fits and not report.error and report.flops["tokens"] == 40 * 32
 

@@ -1,30 +1,13 @@
-"""Sequence packing: many token sequences in few fixed-length rows, without padding between them.
-
-A padded batch spends the encoder's dense layers on padding: 64 training triples of
-Debian pairs cut at 64 tokens hold 8,313 real tokens but 10,240 padded ones (the
-short queries are padded to a bucket of 32). Packing puts several sequences in one
-row (best-fit decreasing), so the same triples fill 131 rows of 64 (8,384 slots).
-The encoder then sees a packed row like any other; attention is restricted to tokens
-of the same sequence, positions restart at 0 for each sequence, and pooling averages
-each sequence's tokens (`EmbeddingModel(..., sequence_ids=..., positions=...)`).
-
-`pack_sequences` returns numpy arrays ready to be a batch:
-
-- `ids` `[R, L]` int32: token ids, `pad_id` where no sequence is;
-- `sequence_ids` `[R, L]` int32: the index (in the input order) of the sequence each
-  token belongs to, -1 on padding;
-- `positions` `[R, L]` int32: the token's position within its sequence (0 on padding).
-
-The row count `R` is rounded up (`packed_rows`) so a training job compiles for few
-shapes: at most 1/16 more rows than needed, a multiple of `row_multiple` (the number
-of data-parallel devices, say).
-"""
+"""Sequence packing: many token sequences in few fixed-length rows, without padding between them
+(best-fit decreasing); the encoder attends and pools within each sequence (ARCHITECTURE.md "Batches")."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+from embedder.data.batch_schema import PACKED_INPUTS, PADDED_INPUTS
 
 
 def packed_rows(needed: int, row_multiple: int = 8, steps_per_octave: int = 16) -> int:
@@ -89,11 +72,14 @@ def _rows_used(row: np.ndarray, lengths) -> int:
 
 def pack_sequences(seqs: Sequence[Sequence[int]], row_length: int, pad_id: int, *,
                    rows: int | None = None, row_multiple: int = 8) -> dict[str, np.ndarray]:
-    """Packs `seqs` (lists of token ids, each <= `row_length`) into `[R, row_length]` arrays.
+    """Packs `seqs` (lists of token ids, each <= `row_length`) into `[R, row_length]` int32 arrays:
+    `ids` (`pad_id` where no sequence is), `sequence_ids` (the index in `seqs` of the sequence each
+    token belongs to, -1 on padding) and `positions` (within its sequence, 0 on padding).
 
     `rows`: the row count to pad to (an error if the sequences need more); default
-    `packed_rows(needed, row_multiple)`. Returns `ids`, `sequence_ids` and `positions`
-    (see the module docstring).
+    `packed_rows(needed, row_multiple)`: at most 1/16 more rows than needed, so a training job
+    compiles for few shapes. E.g. 64 Debian triples cut at 64 tokens hold 8,313 real tokens in
+    10,240 padded slots, and fill 131 packed rows of 64 (8,384 slots).
     """
     lengths = [len(s) for s in seqs]
     row, start = assign_rows(lengths, row_length)
@@ -114,10 +100,6 @@ def pack_sequences(seqs: Sequence[Sequence[int]], row_length: int, pad_id: int, 
             sequence_ids[r, b:b + n] = i
             positions[r, b:b + n] = np.arange(n)
     return {"ids": ids, "sequence_ids": sequence_ids, "positions": positions}
-
-
-# The encoder inputs of a padded batch, which a packed batch replaces.
-PADDED_INPUTS = ("query_ids", "query_mask", "positive_ids", "positive_mask", "negative_ids", "negative_mask")
 
 
 def pack_batch(batch: dict[str, np.ndarray], pad_id: int, *, row_length: int | None = None,
@@ -142,7 +124,6 @@ def pack_batch(batch: dict[str, np.ndarray], pad_id: int, *, row_length: int | N
         row_length = max(ids.shape[-1] for ids, _ in groups)
     packed = pack_sequences(seqs, row_length, pad_id, rows=rows, row_multiple=row_multiple)
     out = {key: v for key, v in batch.items() if key not in PADDED_INPUTS}
-    out.update(packed_ids=packed["ids"], packed_sequence_ids=packed["sequence_ids"],
-               packed_positions=packed["positions"])
+    out.update(zip(PACKED_INPUTS, (packed["ids"], packed["sequence_ids"], packed["positions"])))
     out.setdefault("negatives_valid", np.ones((b, k), bool))
     return out

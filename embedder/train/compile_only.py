@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from embedder import sharding
+from embedder.data.batch_schema import global_batch_shapes, sequence_shapes
 
 log = logging.getLogger("embedder.train.compile_only")
 
@@ -134,17 +135,6 @@ def embedding_param_count(model_cfg) -> int:
     return n
 
 
-def sequences_per_step(batch_shapes: dict) -> list[tuple[int, int]]:
-    """(number of sequences, padded length) for each tower input of one global batch; packed rows
-    count as sequences of the row length (the encoder computes whole rows, attention masked)."""
-    out = []
-    for name, s in batch_shapes.items():
-        if name in ("query_ids", "positive_ids", "negative_ids", "packed_ids"):
-            rows = math.prod(s.shape[:-1])
-            out.append((rows, s.shape[-1]))
-    return out
-
-
 def _attended_pairs(length: int, window: int | None) -> int:
     """Query-key pairs (i, j) in a sequence of `length` with |i - j| < window (all pairs without one)."""
     if window is None or window >= length:
@@ -177,31 +167,6 @@ def model_flops_per_step(model_cfg, non_embedding_params: int, seqs: Sequence[tu
 
 def _shape_dtype_tree(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def global_batch_shapes(config, row_multiple: int = 8) -> dict:
-    """The global batch (ARCHITECTURE.md "Batches") at the longest padded lengths the data config allows;
-    with `data.packing`, packed: the rows (a multiple of `row_multiple`) that max-length texts fill."""
-    import jax.numpy as jnp
-
-    from embedder.train.batches import packed_batch_shapes
-
-    d = config.data
-    b, lq, ld, k = config.batch_size, d.query_max_length, d.document_max_length, d.num_negatives
-    shapes = {
-        "query_ids": ((b, lq), jnp.int32), "query_mask": ((b, lq), jnp.int32),
-        "positive_ids": ((b, ld), jnp.int32), "positive_mask": ((b, ld), jnp.int32),
-        "query_hash": ((b, 2), jnp.uint32), "positive_hash": ((b, 2), jnp.uint32),
-        "dataset": ((b,), jnp.int32),
-    }
-    if k:
-        shapes.update({
-            "negative_ids": ((b, k, ld), jnp.int32), "negative_mask": ((b, k, ld), jnp.int32),
-            "negatives_valid": ((b, k), jnp.bool_), "negative_hash": ((b, k, 2), jnp.uint32),
-        })
-    if d.get("packing", False):
-        shapes = packed_batch_shapes(shapes, query_length=lq, document_length=ld, row_multiple=row_multiple)
-    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
 @dataclasses.dataclass
@@ -278,7 +243,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     abstract_state, state_shardings = state_shardings_for(model, optimizer, mesh, rules, global_shapes)
     params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     non_embedding = params_total - embedding_param_count(model_cfg)
-    flops = model_flops_per_step(model_cfg, non_embedding, sequences_per_step(global_shapes))
+    flops = model_flops_per_step(model_cfg, non_embedding, sequence_shapes(global_shapes))
 
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape)))
              for k, v in global_shapes.items()}

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from embedder import sharding
+from embedder.data.batch_schema import token_counts
 # ConfigError and check_config are re-exported (they lived here before config.py).
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
-from embedder.train.batches import token_counts
 from embedder.train.init_from import load_init_params, source_tokenizer
 from embedder.train.preemption import Preemption
 from embedder.train.workdir_files import MetricsWriter, write_config_json

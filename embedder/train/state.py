@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from embedder import sharding
+from embedder.data.batch_schema import PACKED_INPUTS, is_packed
 
 
 @flax.struct.dataclass
@@ -22,7 +23,7 @@ class TrainState:
 
 
 def _query_length(example_batch_shapes: Mapping[str, Any]) -> int:
-    key = "query_ids" if "query_ids" in example_batch_shapes else "packed_ids"
+    key = PACKED_INPUTS[0] if is_packed(example_batch_shapes) else "query_ids"
     if key not in example_batch_shapes:
         raise ValueError("create_train_state: example_batch_shapes needs a 'query_ids' entry "
                          "([B, L] int32, ARCHITECTURE.md 'Batches'), or 'packed_ids' for packed "

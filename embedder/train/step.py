@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder import sharding
+from embedder.data.batch_schema import TEXT_HASHES, encoder_inputs, is_packed
 from embedder.losses import matryoshka_nce
 from embedder.train.config import loss_options
 from embedder.train.grad_cache import cached_value_and_grad
@@ -29,14 +30,6 @@ def _constrain_rows(x: jax.Array) -> jax.Array:
     # Embeddings stay split by rows over the data axes; the loss's matmuls then
     # gather what they need, instead of XLA replicating the encoder outputs.
     return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
-
-
-PACKED_KEYS = ("packed_ids", "packed_sequence_ids", "packed_positions")
-
-
-def is_packed(batch: Mapping[str, Any]) -> bool:
-    """Whether `batch` holds packed rows (`embedder.data.packing`) instead of padded ones."""
-    return "packed_ids" in batch
 
 
 def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
@@ -74,7 +67,7 @@ def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
 
 def _check_text_ids(batch: Mapping[str, jax.Array], with_negatives: bool) -> None:
     """Raises naming the text-identity hashes `loss.mask_duplicates` needs and `batch` lacks."""
-    needed = ("query_hash", "positive_hash") + (("negative_hash",) if with_negatives else ())
+    needed = TEXT_HASHES if with_negatives else TEXT_HASHES[:2]
     missing = [key for key in needed if key not in batch]
     if missing:
         raise ValueError(
@@ -137,10 +130,9 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequ
                 shape_carrier = {"negatives_valid": batch["negatives_valid"]}
                 return cached_value_and_grad(
                     lambda prm, chunk, key: embed(prm, dict(chunk, **shape_carrier), key),
-                    loss_of_embeddings(batch), params, {k: batch[k] for k in PACKED_KEYS}, rng, chunks,
-                    combine="sum")
-            model_inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
-            return cached_value_and_grad(embed, loss_of_embeddings(batch), params, model_inputs, rng, chunks)
+                    loss_of_embeddings(batch), params, encoder_inputs(batch), rng, chunks, combine="sum")
+            return cached_value_and_grad(embed, loss_of_embeddings(batch), params, encoder_inputs(batch), rng,
+                                         chunks)
     return grad_fn
 
 
