@@ -13,19 +13,24 @@ and a plot of the evaluation curves.
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib.util
 import json
 import logging
 import pathlib
 import sys
 import time
 
+from embedder.synth.records import read_pairs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "demo.py"
 
+# The trainer, JAX and the evaluators are imported inside the functions, after main() has set up
+# logging: importing the trainer installs a root log handler, which would make basicConfig a no-op.
+
 
 def _load_config(arg: str, overrides: dict):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("demo_experiment", EXPERIMENT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -109,11 +114,8 @@ def main(argv=None) -> int:
 
 def mine_debian_negatives(model_dir, out_file, *, num_negatives: int, limit=None) -> dict:
     """Hard negatives for the shipped training pairs, mined with the model in `model_dir`."""
-    import collections
-
     from embedder.inference import Embedder
     from embedder.synth.negatives import MiningConfig, mine_negatives
-    from embedder.synth.records import read_pairs
 
     # The evaluation corpus has no titles: drop the package-name title read_pairs derives, so
     # training documents look like evaluation documents ("title: none | text: ...").

@@ -17,6 +17,7 @@ from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import length_buckets, load_tokenizer, pad_batch
 from embedder.model import EmbeddingModel, ModelConfig
 from embedder.model.layer_stack import match_layer_layout
+from embedder.model_store import load_model
 from embedder.mrl import truncate_normalize
 
 ROLES = ("query", "document")
@@ -141,6 +142,4 @@ def load_params_and_spec(path) -> tuple:
     """`(params, spec)` of anything `Embedder.load` opens: a workdir, checkpoint step, param
     export or soup, a Hugging Face / sentence-transformers folder or a GGUF file (converted in
     memory). The same store as soups' ingredients and `init_from` (`embedder.model_store`)."""
-    from embedder.model_store import load_model
-
     return load_model(path)

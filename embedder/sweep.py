@@ -166,7 +166,7 @@ def run_sweep(record: dict, sweep_dir, *, indices: Sequence[int] | None = None, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="python -m embedder.sweep", description=__doc__.split("\n")[0],
-                       epilog="Further --config.x=v flags are passed to every run.")
+                           epilog="Further --config.x=v flags are passed to every run.")
     p.add_argument("sweep_file", help="experiments/sweeps/NAME.py defining get_sweep()")
     p.add_argument("--dir", required=True, help="sweep directory; each run trains in DIR/<run-name>")
     p.add_argument("--print", action="store_true", dest="print_only",

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.core import meta
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def flat_paths(tree) -> dict[str, Any]:
 
 def _unbox(params):
     # Flax logical-partitioning boxes carry metadata, not data; Orbax wants plain arrays.
-    from flax.core import meta
-
     return meta.unbox(params)
 
 

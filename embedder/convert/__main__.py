@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from embedder.cli_args import OneLineErrorParser
+
+# Each command imports its converter when it runs, so `--help` and bad flags answer without
+# loading JAX and Orbax.
 
 
 def _from_hf(args) -> None:
@@ -16,8 +20,6 @@ def _from_hf(args) -> None:
 
 
 def _from_gguf(args) -> None:
-    import time
-
     from embedder.convert.from_gguf import convert_from_gguf
 
     start = time.time()
@@ -34,8 +36,8 @@ def _to_hf(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m embedder.convert",
-                     description="Convert Hugging Face folders and GGUF files to embedder parameter "
-                                 "exports, and any saved model to a Hugging Face folder.")
+                                description="Convert Hugging Face folders and GGUF files to embedder parameter "
+                                            "exports, and any saved model to a Hugging Face folder.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     p = sub.add_parser("from-hf", help="transformers / sentence-transformers folder -> param export",
                        description="Read a transformers (Gemma, Gemma2, Gemma3 text, BERT) or "

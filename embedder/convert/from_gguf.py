@@ -1,15 +1,6 @@
 """Read a Gemma-family GGUF file (llama.cpp's format) into `(params, spec)` and write a parameter
-export (`python -m embedder.convert from-gguf FILE.gguf DST`).
-
-The GGUF metadata becomes a transformers-style config and the tensors get their transformers
-names, so the config and layout rules of `from_hf` serve both formats. llama.cpp's Gemma
-conventions, checked against transformers' GGUF loader: RMSNorm scales are stored as
-`1 + w` (we subtract 1), local layers use RoPE base 10,000, Gemma 3 has one global layer in
-six, and the query scale is 1/sqrt(head_dim) except for the 27B models (1/sqrt(width/heads)).
-A GGUF holds a causal LLM: its sliding window becomes the symmetric bound |i - j| < window of
-the bidirectional encoder (as `from-hf` does for a causal checkpoint), so each token keeps the
-reach it had looking back.
-"""
+export (`python -m embedder.convert from-gguf FILE.gguf DST`), through `from_hf`'s config and
+tensor-layout rules (the metadata becomes a transformers config, the tensors get HF names)."""
 
 from __future__ import annotations
 
@@ -52,7 +43,7 @@ def is_gguf_file(path) -> bool:
 
 
 def _reader(path: pathlib.Path):
-    try:
+    try:  # imported here: only GGUF files need the package
         import gguf
     except ImportError as e:
         raise ImportError(f"reading {path} needs the `gguf` package ({e}); pip install gguf") from None
@@ -104,7 +95,15 @@ def _layer_types(fields: dict, arch: str, n_layers: int) -> list[str] | None:
 
 
 def hf_config_from_gguf(fields: dict, source: str, vocab_size: int) -> dict:
-    """A transformers-style config dict for `config_from_hf`, from GGUF metadata."""
+    """A transformers-style config dict for `config_from_hf`, from GGUF metadata.
+
+    llama.cpp's Gemma conventions, checked against transformers' GGUF loader: RMSNorm scales are
+    stored as `1 + w` (we subtract 1), local layers use RoPE base 10,000, Gemma 3 has one global
+    layer in six, and the query scale is 1/sqrt(head_dim) except for the 27B models
+    (1/sqrt(width/heads)). A GGUF holds a causal LLM: its sliding window becomes the symmetric
+    bound |i - j| < window of the bidirectional encoder (as `from-hf` does for a causal
+    checkpoint), so each token keeps the reach it had looking back.
+    """
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; supported: "
@@ -149,7 +148,7 @@ def hf_config_from_gguf(fields: dict, source: str, vocab_size: int) -> dict:
 
 
 def _dequantize(tensor, source: str) -> np.ndarray:
-    import gguf
+    import gguf  # optional (see _reader), so loading other formats never needs it
 
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)

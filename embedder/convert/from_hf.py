@@ -12,6 +12,8 @@ import tempfile
 
 import jax
 import numpy as np
+from safetensors import safe_open
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from embedder.checkpoint import save_params
 from embedder.convert.hf_config import config_from_hf
@@ -76,8 +78,6 @@ def _load_tensors(files, rules: list[TensorRule], prefix: str, dtype, what: str,
                   shapes_only: bool = False) -> dict:
     """Streams the tensors named by `rules` out of `files`, one at a time, into a params tree
     (with `shapes_only`, `jax.ShapeDtypeStruct` leaves from the safetensors headers)."""
-    from safetensors import safe_open
-
     wanted = {prefix + r.hf_name: r for r in rules}
     params: dict = {}
     found = set()
@@ -104,8 +104,6 @@ def _load_tensors(files, rules: list[TensorRule], prefix: str, dtype, what: str,
 
 
 def _tensor_names(files) -> list[str]:
-    from safetensors import safe_open
-
     names = []
     for file in files:
         with safe_open(str(file), framework="flax") as f:
@@ -139,8 +137,6 @@ def _tokenizer_spec(folder: pathlib.Path, cfg: ModelConfig, max_length: int, scr
             if not vocab.is_file():
                 raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.txt; a BERT "
                                         "model needs its WordPiece vocabulary")
-            from tokenizers.implementations import BertWordPieceTokenizer
-
             tok = BertWordPieceTokenizer(str(vocab), lowercase=tok_cfg.get("do_lower_case", True))
             path = pathlib.Path(scratch()) / "tokenizer.json"
             tok.save(str(path))

@@ -1,10 +1,4 @@
-"""A SentencePiece `tokenizer.model` rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
-
-llama.cpp keeps a SentencePiece ("llama") vocabulary as three arrays - pieces, scores and
-piece types (SentencePiece's own type numbers) - plus the special ids. Gemma's models are
-byte-fallback BPE with an identity normaliser, no dummy prefix and split digits; GGUF stores
-user-defined whitespace pieces with literal spaces, which SentencePiece only matches as "▁".
-"""
+"""A SentencePiece `tokenizer.model` rebuilt from a GGUF file's `tokenizer.ggml.*` metadata."""
 
 from __future__ import annotations
 
@@ -46,7 +40,13 @@ def tokenizer_metadata(fields: dict, source: str) -> dict:
 
 
 def sentencepiece_proto_bytes(meta: dict) -> bytes:
-    """The serialised SentencePiece ModelProto of GGUF tokenizer metadata."""
+    """The serialised SentencePiece ModelProto of GGUF tokenizer metadata.
+
+    llama.cpp keeps a SentencePiece ("llama") vocabulary as three arrays - pieces, scores and
+    piece types (SentencePiece's own type numbers) - plus the special ids. Gemma's models are
+    byte-fallback BPE with an identity normaliser, no dummy prefix and split digits; GGUF stores
+    user-defined whitespace pieces with literal spaces, which SentencePiece only matches as "▁".
+    """
     pb = _proto_module()
     tokens, scores, types = meta["tokens"], meta["scores"], meta["token_type"]
     if not len(tokens) == len(scores) == len(types):

@@ -11,13 +11,13 @@ import json
 import pathlib
 import shutil
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+
 # SentencePiece's TrainerSpec.ModelType values.
 _SP_UNIGRAM, _SP_BPE = 1, 2
 
 
 def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None):
-    from tokenizers import processors
-
     single = ([bos[0]] if bos else []) + ["$A"] + ([eos[0]] if eos else [])
     pair = single + ["$B"] + ([eos[0]] if eos else [])
     specials = [t for t in (bos, eos) if t is not None]
@@ -53,8 +53,6 @@ def _bpe_merges(pieces: list[tuple[str, float]]) -> list[tuple[str, str]]:
 def sentencepiece_to_tokenizers(model_file, add_bos: bool, add_eos: bool):
     """A `tokenizers.Tokenizer` that segments like the SentencePiece model (Unigram or BPE,
     byte fallback, its normaliser) and adds BOS / EOS as our SentencePieceTokenizer does."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-
     model_file = pathlib.Path(model_file)
     proto = _read_sp_proto(model_file)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
@@ -102,8 +100,6 @@ def _special_ids(special: dict, tok) -> dict:
 
 def write_tokenizer_files(tokenizer_spec: dict, source: pathlib.Path, dst: pathlib.Path) -> dict:
     """Writes the tokenizer files into `dst`; returns the special-token ids for config.json."""
-    from tokenizers import Tokenizer
-
     kind, max_length = tokenizer_spec.get("kind"), int(tokenizer_spec.get("max_length", 512))
     common = {"model_max_length": max_length, "padding_side": "right", "clean_up_tokenization_spaces": False}
     if kind == "wordpiece":

@@ -16,6 +16,7 @@ from embedder.convert.hf_config import config_to_hf
 from embedder.convert.hf_mapping import params_to_hf
 from embedder.convert.hf_tokenizer import write_tokenizer_files
 from embedder.data.prompts import DEFAULT_TASK, Prompts
+from embedder.data.tokenizer import _resolve_file
 from embedder.model.config import ModelConfig
 from embedder.model_store import load_model
 
@@ -112,8 +113,6 @@ def st_prompts(prompts_spec: dict | None) -> dict[str, str]:
 
 
 def _tokenizer_source(spec: dict, src: pathlib.Path) -> pathlib.Path:
-    from embedder.data.tokenizer import _resolve_file
-
     tok = spec.get("tokenizer") or {}
     if not tok.get("file"):
         raise ValueError(f"the model spec of {src} names no tokenizer file; cannot write tokenizer files")
@@ -133,8 +132,6 @@ def write_hf_folder(params, spec: dict, dst, *, tokenizer_file=None, overwrite: 
     tok_spec = spec.get("tokenizer") or {}
     max_length = int(tok_spec.get("max_length", 512))
     if tokenizer_file is None:
-        from embedder.data.tokenizer import _resolve_file
-
         tokenizer_file = _resolve_file(tok_spec.get("file", ""), None)
     special_ids = write_tokenizer_files(tok_spec, pathlib.Path(tokenizer_file), dst)
     if cfg.family == "gemma" and not cfg.use_qk_norm:

@@ -10,6 +10,8 @@ import pathlib
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets"
 
@@ -70,8 +72,6 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_file: str | os.PathLike, add_bos: bool = True, add_eos: bool = True,
                  max_length: int = 512, num_threads: int = 0):
-        import sentencepiece as spm
-
         model_file = pathlib.Path(model_file)
         if not model_file.is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {model_file} "
@@ -133,8 +133,6 @@ class TokenizerJson:
     def __init__(self, tokenizer_json: str | os.PathLike, *, add_bos: bool = True, add_eos: bool = False,
                  bos_token: str | None = "<bos>", eos_token: str | None = "<eos>", pad_token: str = "<pad>",
                  max_length: int = 512):
-        from tokenizers import Tokenizer as HFTokenizer
-
         tokenizer_json = pathlib.Path(tokenizer_json)
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"tokenizer.json not found: {tokenizer_json} "
@@ -307,8 +305,6 @@ def train_sentencepiece(texts_or_files: Iterable[str] | str | os.PathLike | Sequ
     every Unicode string encodable, and identity normalisation without a dummy prefix
     makes `decode(encode(x)) == x`.
     """
-    import sentencepiece as spm
-
     options = dict(
         model_prefix=str(model_prefix), vocab_size=int(vocab_size), model_type=model_type,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,

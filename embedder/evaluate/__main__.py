@@ -8,6 +8,9 @@ import sys
 
 from embedder.cli_args import OneLineErrorParser
 
+# The evaluators (scikit-learn) and Embedder (JAX) are imported inside the functions, so that
+# `--help` and bad flags answer without loading them.
+
 
 def _dims(value: str) -> list[int]:
     try:

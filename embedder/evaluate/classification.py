@@ -1,13 +1,5 @@
-"""Classification and clustering on frozen embeddings, following MTEB's protocols.
-
-Classification: MTEB's `LogisticRegression(max_iter=100)` on the train split's embeddings,
-with all of it and with k-shot draws taken as MTEB undersamples: one
-`np.random.RandomState(42)` shuffles the train indices again for each draw and the first k
-of each label are kept. Clustering: k-means with k = number of labels (`KMeans(n_init=10)`,
-or MTEB's `MiniBatchKMeans(batch_size=500)` with `minibatch=True` for large sets), V-measure
-averaged over seeds. On the shipped Debian tasks these reproduce data/README.md's
-all-MiniLM-L6-v2 reference numbers within their seed spread.
-"""
+"""Classification and clustering on frozen embeddings, following MTEB's protocols (on the shipped
+Debian tasks they reproduce data/README.md's all-MiniLM-L6-v2 numbers within their seed spread)."""
 from __future__ import annotations
 
 import warnings
@@ -51,7 +43,10 @@ def _fit_predict(x_train, y_train, x_test, seed: int, max_iter: int) -> np.ndarr
 def evaluate_classification(train_emb: np.ndarray, train_labels: Sequence, test_emb: np.ndarray,
                             test_labels: Sequence, *, shots: Sequence[int] = (16,), seeds: int = 5,
                             max_iter: int = 100) -> dict[str, float]:
-    """`accuracy`, `f1` (macro) with all train data; `accuracy_{k}shot` (+ `_std`) per k."""
+    """`accuracy`, `f1` (macro) with all train data; `accuracy_{k}shot` (+ `_std`) per k.
+
+    MTEB's `LogisticRegression(max_iter=100)` on the train split's embeddings, with all of it and
+    with k-shot draws taken as MTEB undersamples (`k_shot_draws`)."""
     y_train = np.asarray(train_labels)
     y_test = np.asarray(test_labels)
     if len(set(y_train.tolist())) < 2:
@@ -72,7 +67,8 @@ def evaluate_classification(train_emb: np.ndarray, train_labels: Sequence, test_
 
 def evaluate_clustering(emb: np.ndarray, labels: Sequence, *, seeds: int = 5, minibatch: bool = False,
                         batch_size: int = 500) -> dict[str, float]:
-    """`v_measure` (mean over seeds) and `v_measure_std` of k-means with k = number of labels."""
+    """`v_measure` (mean over seeds) and `v_measure_std` of k-means with k = number of labels:
+    `KMeans(n_init=10)`, or MTEB's `MiniBatchKMeans(batch_size=500)` with `minibatch=True`."""
     labels = np.asarray(labels)
     n_clusters = len(np.unique(labels))
     if n_clusters < 2:

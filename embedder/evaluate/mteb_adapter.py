@@ -16,10 +16,19 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from datasets import Dataset, DatasetDict
+from mteb.abstasks.classification import AbsTaskClassification
+from mteb.abstasks.clustering import AbsTaskClustering
+from mteb.abstasks.pair_classification import AbsTaskPairClassification
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
+
+from embedder.evaluate.tasks import load_task
+from embedder.inference import Embedder
 
 # EmbeddingGemma's task names, keyed by MTEB task type.
 TASK_TYPE_PROMPTS = {
@@ -57,8 +66,6 @@ class MTEBEncoder(AbsEncoder):
         if encoder is None:
             if model_name is None:
                 raise ValueError("MTEBEncoder needs a model path (model_name) or an encoder object (encoder=...)")
-            from embedder import Embedder
-
             encoder = Embedder.load(model_name)
         self.model = encoder
         self.dim = dim
@@ -98,15 +105,6 @@ _MAIN_SCORES = {"Retrieval": "ndcg_at_10", "Classification": "accuracy", "Cluste
 
 def local_task(task_dir, eval_lang: str = "eng-Latn"):
     """One of our task directories as an MTEB task object (data read from disk, no download)."""
-    from datasets import Dataset, DatasetDict
-    from mteb.abstasks.classification import AbsTaskClassification
-    from mteb.abstasks.clustering import AbsTaskClustering
-    from mteb.abstasks.pair_classification import AbsTaskPairClassification
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.sts import AbsTaskSTS
-
-    from embedder.evaluate.tasks import load_task
-
     ours = load_task(task_dir)
     if ours.type not in _LOCAL_TYPES:
         raise ValueError(f"local_task: {ours.type!r} tasks are not wrapped for MTEB; supported: {sorted(_LOCAL_TYPES)}")

@@ -17,6 +17,8 @@ import pathlib
 import re
 from typing import Iterable, Sequence
 
+from embedder.evaluate.report import MAIN_METRIC
+
 _EVAL_KEY = re.compile(r"^eval/(?P<task>[^/]+)/(?P<metric>[^@/]+)@(?P<dim>\d+)$")
 
 
@@ -51,6 +53,7 @@ def read_eval_series(metrics_file) -> dict[tuple[str, str, int], list[tuple[int,
 
 
 def _pyplot():
+    # On first use, not at import: the file-only Agg backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,8 +123,6 @@ def plot_score_vs_dim(results: dict[str, dict], out_file, metrics: Iterable[str]
     """Score vs MRL dim, a line per (task, metric), from `evaluate_tasks` results.
 
     `metrics` picks metric names (default: each task type's headline metric)."""
-    from embedder.evaluate.report import MAIN_METRIC
-
     plt = _pyplot()
     wanted = set(metrics) if metrics is not None else None
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -16,6 +16,7 @@ import pathlib
 from typing import Iterable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from embedder.evaluate.classification import evaluate_classification, evaluate_clustering
 from embedder.evaluate.pair_scoring import evaluate_pair_classification, evaluate_reranking, evaluate_sts
@@ -34,8 +35,6 @@ def encode_texts(encoder, texts: Sequence[str], *, role: str, task: str | None, 
     chunk = max(1, batch_size) * 4
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(texts), desc=desc or role, unit="text", leave=False)
     parts = []
     for start in range(0, len(texts), chunk):

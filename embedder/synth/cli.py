@@ -15,7 +15,10 @@ import time
 
 from embedder.cli_args import OneLineErrorParser
 from embedder.synth.cache import MemoryCache, ResponseCache
+from embedder.synth.classify import ClassifySpec, generate_classification
+from embedder.synth.filtering import DEFAULT_PARAMS as FILTER_PARAMS, filter_pairs
 from embedder.synth.llm_client import make_client
+from embedder.synth.queries import DEFAULT_PARAMS as QUERY_PARAMS, generate_queries
 from embedder.synth.records import JsonlWriter, read_pairs, read_passages
 from embedder.synth.retry import FatalLLMError, RetryPolicy
 from embedder.synth.runner import LLMRunner
@@ -153,27 +156,22 @@ def run(argv=None) -> int:
 
 def _pipeline(args, runner, counts):
     if args.command == "queries":
-        from embedder.synth.queries import DEFAULT_PARAMS, generate_queries
-
         passages = _limited(read_passages(args.inp, strict=args.strict, counts=counts), args.limit)
         return generate_queries(passages, runner, task_types=[t.strip() for t in args.task_types.split(",") if t.strip()],
                                 queries_per_passage=args.queries_per_passage,
-                                params=_params(DEFAULT_PARAMS, args), counts=counts)
+                                params=_params(QUERY_PARAMS, args), counts=counts)
     if args.command == "filter":
-        from embedder.synth.filtering import DEFAULT_PARAMS, filter_pairs
-
         records = _limited(read_pairs(args.inp, strict=args.strict, counts=counts), args.limit)
         return filter_pairs(records, runner, threshold=args.threshold, check_negatives=args.check_negatives,
-                            params=_params(DEFAULT_PARAMS, args), counts=counts)
+                            params=_params(FILTER_PARAMS, args), counts=counts)
     if args.command == "classify":
-        from embedder.synth.classify import ClassifySpec, generate_classification
-
         spec = ClassifySpec.from_json(args.inp)
         return _limited(generate_classification(spec, runner, counts), args.limit)
     return _negatives(args, runner, counts)
 
 
 def _negatives(args, runner, counts):
+    # Imported here: mining needs scikit-learn (via embedder.evaluate) and JAX, the other commands neither.
     from embedder.synth.negatives import MiningConfig, mine_negatives
 
     try:

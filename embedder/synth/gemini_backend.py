@@ -13,6 +13,7 @@ class GeminiClient(LLMClient):
     backend = "gemini"
 
     def __init__(self, model: str, *, api_key: str, base_url: str | None = None, timeout: float = 120.0):
+        # google-genai (the optional `synth` extra) loads when a Gemini client is made.
         from google import genai
         from google.genai import types
 
@@ -31,7 +32,7 @@ class GeminiClient(LLMClient):
         return text.replace(self._key, "<redacted>") if self._key else text
 
     def complete(self, messages: Sequence[Message], params: Mapping[str, object]) -> str:
-        from google.genai import errors
+        from google.genai import errors  # see __init__
 
         types = self._types
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None

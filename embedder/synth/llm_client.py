@@ -74,6 +74,7 @@ def make_client(
 ) -> LLMClient:
     """Build a client from `BACKEND:MODEL`; keys come only from the environment."""
     backend, model = parse_llm_spec(spec)
+    # Backends load on demand: they subclass LLMClient (this module) and need the `synth` extra.
     if backend == "openai":
         from embedder.synth.openai_backend import OpenAICompatibleClient
 

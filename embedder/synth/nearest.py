@@ -16,7 +16,7 @@ def faiss_available() -> bool:
 
 def faiss_top_k(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Same contract as exact_top_k, through a faiss flat inner-product index (multi-threaded, BLAS)."""
-    import faiss
+    import faiss  # optional (faiss-cpu), not a dependency
 
     docs = np.ascontiguousarray(docs, dtype=np.float32)
     index = faiss.IndexFlatIP(docs.shape[1])

@@ -1,12 +1,4 @@
-"""Hard-negative mining: embed, retrieve top-k, drop the positive and its near-duplicates, pick negatives.
-
-Without an LLM the negatives are drawn from a rank window of the surviving
-candidates (default ranks 10-30, 1-based, inclusive): close enough to be hard,
-far enough from the top that unlabelled true positives are rarer. With an LLM,
-the first `top_k` candidates are rated twice (graded relevance, query
-likelihood), the two rankings are fused with reciprocal rank fusion, and the
-lowest-fused candidates become the negatives.
-"""
+"""Hard-negative mining: embed, retrieve top-k, drop the positive and its near-duplicates, pick negatives."""
 from __future__ import annotations
 
 import collections
@@ -103,6 +95,12 @@ def mine_negatives(
 
     The corpus is the records' positives plus `extra_corpus`. Every positive of
     the same query text is excluded, not only the record's own.
+
+    Without an LLM (`runner=None`) the negatives are drawn from a rank window of the surviving
+    candidates (default ranks 10-30, 1-based, inclusive): close enough to be hard, far enough
+    from the top that unlabelled true positives are rarer. With an LLM, the first `top_k`
+    candidates are rated twice (graded relevance, query likelihood), the two rankings are fused
+    with reciprocal rank fusion, and the lowest-fused candidates become the negatives.
     """
     counts = counts if counts is not None else collections.Counter()
     cfg = config
