@@ -18,11 +18,15 @@ import statistics
 import sys
 import time
 
-import measure  # noqa: F401  (drops fake CPU device counts; GPUs are used when present)
+import measure  # noqa: F401  (first: drops fake CPU device counts; GPUs are used when present)
 
+import jax
 import numpy as np
 
 import flops
+from embedder import sharding
+from embedder.train.config import base_config, model_config_dict
+from embedder.train.setup import build_run
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -36,29 +40,28 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
             "positive_hash": hashes(batch, batch), "negative_hash": hashes(batch, 2 * batch)[:, None]}
 
 
+def train_config(model_name: str, batch: int, seq: int, remat: str, attention: str):
+    """The benchmarked run as a train config: constant LR 1e-4, no decay or clipping, the model's
+    MRL dims, global hard negatives, the default (data, fsdp, tensor) = (-1, 1, 1) mesh."""
+    c = base_config()
+    c.model = model_config_dict(model_name, dtype="bfloat16", param_dtype="float32", remat=remat,
+                                attention_impl=attention)
+    c.batch_size, c.total_steps = batch, 1000
+    c.data.query_max_length = c.data.document_max_length = seq
+    c.optimizer.update({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant",
+                        "weight_decay": 0.0, "grad_clip_norm": 0.0})
+    c.loss.global_hard_negatives = True
+    return c
+
+
 def run(model_name: str, batch: int, seq: int, steps: int, peak_tflops: float, remat: str,
         attention: str) -> dict:
-    import jax
-
-    from embedder import sharding
-    from embedder.model import EmbeddingModel, get_model_config
-    from embedder.train.optim import make_optimizer
-    from embedder.train.state import create_train_state
-    from embedder.train.step import jit_train_step, make_train_step
-
-    cfg = get_model_config(model_name, dtype="bfloat16", param_dtype="float32", remat=remat,
-                           attention_impl=attention)
-    model = EmbeddingModel(cfg)
-    mesh = sharding.make_mesh({"axes": ("data", "fsdp", "tensor"), "shape": (-1, 1, 1)})
+    assembly = build_run(train_config(model_name, batch, seq, remat, attention))
+    cfg, mesh = assembly.model.config, assembly.mesh
     batch_np = make_batch(batch, seq, cfg.vocab_size)
-    optimizer = make_optimizer({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant"},
-                               total_steps=1000)
-    loss = {"dims": cfg.mrl_dims or (cfg.embedding_dim,), "temperature": 0.05,
-            "global_hard_negatives": True}
     with jax.set_mesh(mesh):
-        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
-                                              sharding.DEFAULT_RULES, batch_np)
-        step = jit_train_step(make_train_step(model, loss, optimizer), shardings, mesh)
+        state = assembly.init_state(jax.random.key(0))
+        step = assembly.step
         global_batch = sharding.host_to_global(batch_np, mesh)
         t0 = time.perf_counter()
         compiled = step.lower(state, global_batch, jax.random.key(1)).compile()

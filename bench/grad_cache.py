@@ -42,26 +42,25 @@ def _batch(b: int, k: int, lq: int, ld: int, vocab: int, seed: int = 0):
 
 def run_one(args) -> dict:
     """One configuration in this process: compile, run, measure."""
+    # Only the measuring subprocess imports JAX and the library; the driver process stays light.
     import jax
 
     from embedder import sharding
-    from embedder.model import EmbeddingModel
-    from embedder.model.config import get_model_config
-    from embedder.train.optim import make_optimizer
-    from embedder.train.state import create_train_state
-    from embedder.train.step import jit_train_step, make_train_step
+    from embedder.train.config import base_config, model_config_dict
+    from embedder.train.setup import build_run
 
-    cfg = get_model_config(args.model)
-    model = EmbeddingModel(cfg)
-    mesh = sharding.make_mesh({"axes": ("data", "fsdp", "tensor"), "shape": (-1, 1, 1)})
-    batch = _batch(args.one_batch, args.negatives, args.query_len, args.doc_len, cfg.vocab_size)
-    chunks = args.one_batch // args.chunk_rows if args.one_mode == "cached" else 0
-    optimizer = make_optimizer({"learning_rate": 1e-4, "warmup_steps": 0}, total_steps=100)
-    loss = {"dims": tuple(cfg.mrl_dims) or (cfg.embedding_dim,), "temperature": 0.05}
+    c = base_config()   # LR 1e-4 with cosine decay over 100 steps, no weight decay or clipping
+    c.model = model_config_dict(args.model)
+    c.batch_size, c.total_steps = args.one_batch, 100
+    c.grad_cache_chunks = args.one_batch // args.chunk_rows if args.one_mode == "cached" else 0
+    c.data.query_max_length, c.data.document_max_length = args.query_len, args.doc_len
+    c.optimizer.update({"learning_rate": 1e-4, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip_norm": 0.0})
+    assembly = build_run(c)
+    chunks, mesh = c.grad_cache_chunks, assembly.mesh
+    batch = _batch(args.one_batch, args.negatives, args.query_len, args.doc_len, assembly.model.config.vocab_size)
     with jax.set_mesh(mesh):
-        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
-                                              sharding.DEFAULT_RULES, batch)
-        step = jit_train_step(make_train_step(model, loss, optimizer, grad_cache_chunks=chunks), shardings, mesh)
+        state = assembly.init_state(jax.random.key(0))
+        step = assembly.step
         global_batch = sharding.host_to_global(batch, mesh)
         t0 = time.perf_counter()
         compiled = step.lower(state, global_batch, jax.random.key(1)).compile()

@@ -1,10 +1,5 @@
-"""Device mesh, logical-axis rules, and host <-> global array placement.
-
-One mesh built from the config (axes like `(data, fsdp, tensor)` with one `-1`
-filled in), one table of logical-axis rules, and helpers that turn logical
-parameter annotations into `NamedSharding`s and host-local batches into global
-`jax.Array`s.
-"""
+"""The device mesh from the config (one or several slices), the logical-axis rules, and
+host <-> global array placement."""
 
 from __future__ import annotations
 
@@ -15,6 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -100,22 +96,40 @@ def resolve_mesh_shape(axes: Sequence[str], shape: Sequence[int], num_devices: i
     return tuple(shape)
 
 
-def make_mesh(mesh_cfg=None, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the device mesh from `mesh_cfg` (`axes`, `shape` with one -1 allowed)."""
+def slice_count(devices: Sequence[Any]) -> int:
+    """How many TPU slices `devices` span (their `slice_index`); 1 on other platforms."""
+    if not devices or devices[0].platform != "tpu":
+        return 1
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def make_mesh(mesh_cfg=None, devices: Sequence[Any] | None = None, num_slices: int | None = None) -> Mesh:
+    """Builds the device mesh from `mesh_cfg` (`axes`, `shape` with one -1 allowed). Over several
+    slices (`num_slices`, default: those `devices` span) the `data` axis spans them (DCN) and
+    every other axis stays inside a slice (ICI)."""
     axes, shape = _mesh_fields(mesh_cfg)
     if devices is None:
         devices = jax.devices()
+    devices = list(devices)
     shape = resolve_mesh_shape(axes, shape, len(devices))
     axis_types = (AxisType.Auto,) * len(axes)
-    if list(devices) == list(jax.devices()):
+    num_slices = slice_count(devices) if num_slices is None else int(num_slices)
+    if num_slices > 1:
+        if "data" not in axes or shape[axes.index("data")] % num_slices:
+            raise ShardingError(
+                f"mesh {dict(zip(axes, shape))} cannot span {num_slices} slices: the 'data' axis must be a "
+                f"multiple of the slice count; set --config.mesh.shape so that data is a multiple of {num_slices}")
+        ici, dcn = list(shape), [1] * len(shape)
+        ici[axes.index("data")] //= num_slices
+        dcn[axes.index("data")] = num_slices
+        return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices), axes, axis_types=axis_types)
+    if devices == list(jax.devices()):
         return jax.make_mesh(shape, axes, axis_types=axis_types)
     # Explicit device list (a subset, or an AOT topology's devices).
     try:
-        from jax.experimental import mesh_utils
-
-        arr = mesh_utils.create_device_mesh(shape, devices=list(devices))
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # topology-unaware fallback: plain row-major order
-        arr = np.asarray(list(devices), dtype=object).reshape(shape)
+        arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, axes, axis_types=axis_types)
 
 

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from embedder import sharding
 from embedder.train import compile_only as co
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -183,11 +184,12 @@ def test_too_large_for_v5e_is_reported_not_crashed(capsys):
 def test_two_slice_mesh_puts_data_across_slices():
     topo = co.parse_topology("v5e:2x2", num_slices=2)
     devices = co.topology_devices(topo)
-    mesh = co.build_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (2, -1, 1)}),
-                         devices, num_slices=2)
+    assert sharding.slice_count(devices) == 2
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (2, -1, 1)}),
+                              devices)   # the slice count the devices span
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     # Each data index lives in one slice; the fsdp axis stays inside a slice (ICI).
     assert [set(slice_of[i].ravel()) for i in range(2)] == [{0}, {1}]
-    with pytest.raises(co.CompileOnlyError, match="multiple of the slice count"):
-        co.build_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (1, -1, 1)}),
-                      devices, num_slices=2)
+    with pytest.raises(sharding.ShardingError, match="multiple of the slice count"):
+        sharding.make_mesh(ml_collections.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": (1, -1, 1)}),
+                           devices, num_slices=2)

@@ -1,25 +1,23 @@
-"""Ahead-of-time compile of the real train step for the local devices or a TPU topology (no TPU needed).
-
-`python -m embedder.train --config C --compile_only [--topology v5e:4x4 --num_slices 2]`
-builds the config's mesh on the topology's devices, lowers the jitted train step
-on abstract sharded inputs (no parameter is ever allocated), compiles it, and
-prints per-chip memory against the chip's HBM and the model FLOPs per step.
-"""
+"""`--compile_only [--topology v5e:4x4 --num_slices 2]`: compile the real train step ahead of time on
+abstract inputs (no TPU, no parameter allocated); print per-chip memory against HBM and model FLOPs."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
+import os
 import re
 import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
+from jax.experimental import topologies
 
 from embedder import sharding
 from embedder.data.batch_schema import global_batch_shapes, sequence_shapes
+from embedder.train.setup import build_run
 
 log = logging.getLogger("embedder.train.compile_only")
 
@@ -78,13 +76,6 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
 
 def topology_devices(topo: Topology) -> list:
     """The TPU devices of `topo` for AOT compilation (needs libtpu: `pip install -e .[tpu]`)."""
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - part of jax
-        raise CompileOnlyError(f"jax.experimental.topologies is unavailable: {e}") from e
-    import importlib.util
-    import os
-
     if importlib.util.find_spec("libtpu") is None:
         raise CompileOnlyError(
             f"--topology {topo.name} needs the TPU compiler: pip install -e '.[tpu]' (libtpu 0.0.42.* for "
@@ -100,28 +91,6 @@ def topology_devices(topo: Topology) -> list:
     except Exception as e:
         raise CompileOnlyError(f"cannot get TPU topology {topo.name!r} x{topo.num_slices}: {e}") from e
     return list(desc.devices)
-
-
-def build_mesh(mesh_cfg, devices: Sequence[Any], num_slices: int = 1):
-    """The config's mesh on `devices`; with several slices the `data` axis spans them (DCN)."""
-    if num_slices <= 1:
-        return sharding.make_mesh(mesh_cfg, devices=devices)
-    from jax.experimental import mesh_utils
-    from jax.sharding import AxisType, Mesh
-
-    axes = tuple(mesh_cfg.axes)
-    shape = sharding.resolve_mesh_shape(axes, tuple(mesh_cfg.shape), len(devices))
-    if "data" not in axes or shape[axes.index("data")] % num_slices:
-        raise CompileOnlyError(
-            f"mesh {dict(zip(axes, shape))} cannot span {num_slices} slices: the 'data' axis must be a "
-            f"multiple of the slice count; set --config.mesh.shape so that data is a multiple of {num_slices}")
-    d = axes.index("data")
-    ici = list(shape)
-    ici[d] //= num_slices
-    dcn = [1] * len(shape)
-    dcn[d] = num_slices
-    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=list(devices))
-    return Mesh(arr, axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 # -- FLOPs -------------------------------------------------------------------------------
@@ -225,22 +194,12 @@ def _parse_oom(message: str) -> tuple[float | None, float | None]:
 def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slices: int = 1,
                        topology_name: str = "", hbm_bytes: float | None = None) -> CompileReport:
     """Lowers and compiles the config's train step for `devices` (default: the local ones)."""
-    from embedder.model import EmbeddingModel
-    from embedder.model.config import ModelConfig
-    from embedder.train.optim import make_optimizer
-    from embedder.train.state import state_shardings_for
-    from embedder.train.step import jit_train_step, make_train_step
-
     devices = list(devices) if devices is not None else jax.devices()
-    mesh = build_mesh(config.mesh, devices, num_slices)
-    rules = sharding.logical_rules(config)
-    model_cfg = ModelConfig.from_dict(config.model.to_dict())
-    model = EmbeddingModel(model_cfg)
-    optimizer = make_optimizer(config.optimizer, config.total_steps)
+    run = build_run(config, devices, num_slices)
+    mesh, model_cfg = run.mesh, run.model.config
     chunks = max(1, int(config.grad_cache_chunks))  # packed rows split evenly into chunks too
     global_shapes = global_batch_shapes(config, sharding.data_parallel_size(mesh) * chunks)
-    # Outside set_mesh: tracing init makes a concrete PRNG key, which cannot live on AOT-only devices.
-    abstract_state, state_shardings = state_shardings_for(model, optimizer, mesh, rules, global_shapes)
+    abstract_state = run.abstract_state
     params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     non_embedding = params_total - embedding_param_count(model_cfg)
     flops = model_flops_per_step(model_cfg, non_embedding, sequence_shapes(global_shapes))
@@ -254,11 +213,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
                 f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}; change batch_size or mesh.shape")
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-    state = _shape_dtype_tree(abstract_state, state_shardings)
-
-    step_fn = make_train_step(model, config.loss, optimizer, grad_cache_chunks=config.grad_cache_chunks,
-                              frozen=config.optimizer.frozen)
-    jitted = jit_train_step(step_fn, state_shardings, mesh, rules=rules)
+    state = _shape_dtype_tree(abstract_state, run.state_shardings)
     report = CompileReport(
         platform=devices[0].platform, topology=topology_name or f"local {devices[0].platform}",
         num_devices=len(devices), mesh=dict(mesh.shape), params_total=params_total,
@@ -266,7 +221,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     t0 = time.time()
     try:
         with jax.set_mesh(mesh):
-            compiled = jitted.lower(state, batch, key).compile()
+            compiled = run.step.lower(state, batch, key).compile()
     except Exception as e:  # XLA reports out-of-memory as a runtime error at compile time
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

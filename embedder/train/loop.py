@@ -1,9 +1,5 @@
-"""The training loop: restore-or-init, AOT-compiled sharded step, metrics, evals, checkpoints.
-
-A run is deterministic in (config, step): the step's RNG is `fold_in(seed, step)`
-and the data iterator's state is checkpointed with the train state, so a run
-killed at any moment and restarted ends with bitwise-identical parameters.
-"""
+"""The training loop: restore-or-init, AOT-compiled sharded step, metrics, evals, checkpoints;
+deterministic in (config, step), so a killed and restarted run ends with bitwise the same parameters."""
 
 from __future__ import annotations
 
@@ -18,13 +14,22 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from embedder import sharding
+from embedder.checkpoint import TrainCheckpointer, save_params
 from embedder.data.batch_schema import token_counts
+from embedder.data.pipeline import make_train_iterator
+from embedder.data.prompts import Prompts
+from embedder.data.tokenizer import load_tokenizer
+from embedder.evaluate import evaluate_tasks, flatten_results
+from embedder.evaluate.plots import plot_metrics_vs_step
+from embedder.inference import Embedder
 # ConfigError and check_config are re-exported (they lived here before config.py).
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
 from embedder.train.init_from import load_init_params, source_tokenizer
 from embedder.train.preemption import Preemption
+from embedder.train.setup import build_run
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
 log = logging.getLogger("embedder.train")
@@ -92,16 +97,6 @@ class Trainer:
     """Holds everything a run needs; `run()` trains to `total_steps`."""
 
     def __init__(self, config, workdir):
-        from embedder.checkpoint import TrainCheckpointer
-        from embedder.data.pipeline import make_train_iterator
-        from embedder.data.prompts import Prompts
-        from embedder.data.tokenizer import load_tokenizer
-        from embedder.model import EmbeddingModel
-        from embedder.model.config import ModelConfig
-        from embedder.train.optim import make_optimizer
-        from embedder.train.state import create_train_state
-        from embedder.train.step import jit_train_step, make_train_step
-
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.is_main = jax.process_index() == 0
@@ -116,8 +111,8 @@ class Trainer:
             cfg["model_spec"] = self.spec
             write_config_json(self.workdir, cfg)
 
-        self.mesh = sharding.make_mesh(config.mesh)
-        self.rules = sharding.logical_rules(config)
+        self.assembly = build_run(config)
+        self.mesh, self.model = self.assembly.mesh, self.assembly.model
         self.tokenizer_source = tokenizer_file
         self.tokenizer = load_tokenizer(self.spec["tokenizer"] if tokenizer_file is None else
                                         dict(self.spec["tokenizer"], file=str(tokenizer_file)), None)
@@ -126,8 +121,6 @@ class Trainer:
                               f"pieces but config.model.vocab_size={config.model.vocab_size}: ids would fall "
                               "outside the embedding table; use the model's own tokenizer")
         self.prompts = Prompts.from_spec(self.spec["prompts"])
-        self.model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()))
-        self.optimizer = make_optimizer(config.optimizer, config.total_steps)
         self.data = make_train_iterator(
             config.data, tokenizer=self.tokenizer, prompts=self.prompts,
             global_batch_size=config.batch_size, seed=config.seed,
@@ -138,17 +131,12 @@ class Trainer:
             keep_best_metric=config.eval.best_metric or None,
             async_save=config.checkpoint.async_save)
 
-        # Parameters do not depend on the batch; one query-length row traces init.
-        example = {"query_ids": (1, int(config.data.query_max_length))}
+        self.state_shardings = self.assembly.state_shardings
         with jax.set_mesh(self.mesh):
-            self.state, self.state_shardings = create_train_state(
-                self.model, self.optimizer, jax.random.key(config.seed), self.mesh, self.rules, example)
+            self.state = self.assembly.init_state(jax.random.key(config.seed))
         sharding.check_sufficiently_sharded(self.state.params, self.state_shardings.params, self.mesh,
                                             min_size=config.sharding.check_min_size)
-        step_fn = make_train_step(self.model, config.loss, self.optimizer,
-                                  grad_cache_chunks=config.grad_cache_chunks, frozen=config.optimizer.frozen)
-        # The config's rules, not whatever is active at trace time, constrain activations.
-        self.jitted = jit_train_step(step_fn, self.state_shardings, self.mesh, rules=self.rules)
+        self.jitted = self.assembly.step
         self._compiled: dict[tuple, Any] = {}
         self.compile_seconds = 0.0   # kept out of examples/s
         self.base_key = jax.random.key(config.seed + 1)
@@ -204,9 +192,6 @@ class Trainer:
         tasks = list(self.config.eval.tasks)
         if not tasks:
             return {}
-        from embedder.evaluate import evaluate_tasks, flatten_results
-        from embedder.inference import Embedder
-
         dims = tuple(self.config.eval.dims) or self.model.config.matryoshka_dims
         encoder = Embedder(self.state.params, self.spec, tokenizer=self.tokenizer)
         t0 = time.time()
@@ -223,8 +208,6 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> dict:
-        from tqdm import tqdm
-
         # SIGTERM from here on turns into a clean stop at the next step boundary.
         with Preemption() as preemption:
             start = self.restore_or_init()
@@ -350,8 +333,6 @@ class Trainer:
             if has_tasks and evaluated_at != step:   # a resumed run that had already finished
                 last_eval = self.evaluate(step, writer)
             if cfg.checkpoint.export_params:
-                from embedder.checkpoint import save_params
-
                 # Every process takes part (Orbax synchronises); process 0 writes the JSON.
                 save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True,
                             tokenizer_file=self.tokenizer_source)
@@ -362,8 +343,6 @@ class Trainer:
         if not (self.is_main and self.config.eval.tasks):
             return
         try:
-            from embedder.evaluate.plots import plot_metrics_vs_step
-
             plot_metrics_vs_step(self.workdir / "metrics.jsonl", self.workdir / "plots")
         except Exception as e:  # a plot must never fail a finished run
             log.warning("could not write plots: %s", e)

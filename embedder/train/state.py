@@ -63,10 +63,12 @@ def state_shardings_for(model, optimizer: optax.GradientTransformation, mesh: Me
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, rng, mesh: Mesh, rules,
-                       example_batch_shapes: Mapping[str, Any]):
+                       example_batch_shapes: Mapping[str, Any], shardings: TrainState | None = None):
     """Initialises `TrainState` directly into its shardings (`jax.jit(init, out_shardings=...)`),
-    so no device ever holds the full unsharded parameters. Returns `(state, state_shardings)`."""
-    _, shardings = state_shardings_for(model, optimizer, mesh, rules, example_batch_shapes)
+    so no device ever holds the full unsharded parameters. Returns `(state, state_shardings)`;
+    `shardings`: those of `state_shardings_for`, when already known."""
+    if shardings is None:
+        _, shardings = state_shardings_for(model, optimizer, mesh, rules, example_batch_shapes)
     init_params = _boxed_init_fn(model, _query_length(example_batch_shapes))
 
     def init(rng):
