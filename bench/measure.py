@@ -122,3 +122,21 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
 
 def fmt_row(cells, widths) -> str:
     return "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
+
+
+def cpu_info() -> dict:
+    """The host's CPU model, core count and the flags that decide CPU matmul speed, so figures from
+    different hosts are never mixed (`/proc/cpuinfo`; empty fields elsewhere)."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
