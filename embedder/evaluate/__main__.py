@@ -104,7 +104,10 @@ def main(argv=None) -> int:
             print(f"python -m embedder.evaluate: error: --dims {too_big} exceed the model's output dim {full}",
                   file=sys.stderr)
             return 2
-    args.dims = args.dims or list(model.config.matryoshka_dims)
+    if not args.dims:  # the model's own Matryoshka dims; an encoder without a config: its full width
+        config = getattr(model, "config", None)
+        args.dims = (list(config.matryoshka_dims) if config is not None
+                     else [model.encode(["dimension probe"], role="query").shape[1]])
     results = evaluate_tasks(model, tasks, args.dims, batch_size=args.batch_size, top_k=args.top_k,
                              seeds=args.seeds, progress=True)
     for name, split in splits.items():
