@@ -10,7 +10,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from embedder import sharding
+from embedder import cpu_random, sharding
 from embedder.model import EmbeddingModel, ModelConfig
 from embedder.train.optim import make_optimizer
 from embedder.train.state import TrainState, create_train_state, state_shardings_for
@@ -39,6 +39,7 @@ class Run:
 def build_run(config, devices: Sequence[Any] | None = None, num_slices: int | None = None) -> Run:
     """Assembles the run of train `config` on `devices` (default: all), over `num_slices` slices
     (default: as many as the devices span; the `data` axis spans them)."""
+    cpu_random.apply()  # dropout bits fused into their consumer on CPU (same bits)
     mesh = sharding.make_mesh(config.mesh, devices, num_slices)
     rules = sharding.logical_rules(config)
     model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()))
