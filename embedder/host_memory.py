@@ -1,20 +1,12 @@
 """glibc malloc settings that keep XLA:CPU's big per-step buffers mapped from one step to the next.
 
-XLA:CPU allocates each execution's temporaries (2.3 GB for the all-MiniLM-L6-v2 train
-step on 64 packed triples) with `malloc` from its worker threads and frees them at the end
-of the step. glibc serves an allocation that size with a fresh `mmap` and returns it
-with `munmap`, so every step page-faults all of it in again: 586,000 minor faults and
-1.7 s of kernel time per step on a 2-core AMD EPYC. With one malloc arena, no mmap'd
-chunks and no trimming, freed buffers stay in the heap and the next step reuses them:
-no faults, and the step takes 6.5 s instead of 7.0 s (three alternating processes,
-bench/README.md). The cost: the process keeps its peak heap instead of returning freed
-memory to the system, and every thread allocates from one arena.
-
-`apply()` sets `M_ARENA_MAX=1`, `M_MMAP_MAX=0` and an unlimited `M_TRIM_THRESHOLD` with
-`mallopt`. `import embedder` calls it, before JAX starts its threads, on Linux with glibc
-and only where JAX will compute on the CPU (`JAX_PLATFORMS` starting with cpu, or unset
-with no GPU / TPU device file): on accelerator hosts the big buffers live on the device. It leaves malloc alone when the user already tunes it
-(`MALLOC_*` variables or `glibc.malloc` in `GLIBC_TUNABLES`) or sets
+XLA:CPU mallocs each execution's temporaries from its worker threads; glibc serves big ones with
+a fresh `mmap`, so every step page-faults them in again. `apply()` sets one arena, no mmap'd
+chunks and no trimming (`M_ARENA_MAX=1`, `M_MMAP_MAX=0`, unlimited `M_TRIM_THRESHOLD`), so freed
+buffers stay in the heap for the next step; the cost: the process keeps its peak heap, and a
+fragmented heap can grow past the live peak (bench/README.md, sessions 4 and 8). `import embedder`
+calls it before JAX starts its threads, on Linux/glibc where JAX computes on the CPU; it leaves
+malloc alone when the user tunes it (`MALLOC_*`, `glibc.malloc` in `GLIBC_TUNABLES`) or sets
 `EMBEDDER_XLA_CPU_DEFAULTS=0`.
 """
 

@@ -1,16 +1,11 @@
 """XLA:CPU defaults that make our encoders faster on CPU hosts; set before JAX opens a backend.
 
-XLA:CPU (jaxlib 0.10) hands dots and their neighbouring elementwise ops to YNNPACK fusions by
-default. For our transformer shapes (e.g. [8192, 384] x [384, 1536]) its own dot emitter plus
-XLA's loop fusions are faster: the all-MiniLM-L6-v2 forward (64 x 128 tokens) takes 1.89 s
-instead of 2.30 s on a 2-core AMD EPYC (bench/README.md), with results equal to float rounding.
-The train step is unchanged (9.2 s either way), accelerators are unaffected (the flag only
-concerns the CPU client).
-
-`apply()` appends `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) to
-`XLA_FLAGS` unless the user already chose a value for that flag, or `EMBEDDER_XLA_CPU_DEFAULTS=0`.
-XLA reads `XLA_FLAGS` once, when the first backend starts: in a process that already ran a JAX
-computation it changes nothing. `import embedder` calls it.
+XLA:CPU hands dots and their neighbouring elementwise ops to YNNPACK fusions by default; for our
+f32 transformer shapes its own dot emitter plus loop fusions are faster (bench/README.md,
+session 3), while bf16 dots need YNNPACK to use a host's AMX / AVX512_BF16 units (session 8).
+`apply()` appends `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) to `XLA_FLAGS`
+unless the user already chose a value for that flag, or `EMBEDDER_XLA_CPU_DEFAULTS=0`. XLA reads
+`XLA_FLAGS` once, when the first backend starts; `import embedder` calls it.
 """
 
 from __future__ import annotations

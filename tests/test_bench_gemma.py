@@ -15,19 +15,25 @@ pytest.importorskip("sentence_transformers")
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
 
-def _run(script: str, args: list[str], tmp_path: pathlib.Path) -> dict:
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """One converted tiny twin (ours and its sentence-transformers folder) for both benchmarks."""
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def _run(script: str, args: list[str], tmp_path: pathlib.Path, cache: pathlib.Path) -> dict:
     out = tmp_path / f"{script}.json"
-    env = dict(os.environ, EMBEDDER_BENCH_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, EMBEDDER_BENCH_CACHE=str(cache))
     proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_train_step_bench_gemma_tiny_same_loss_both_sides(tmp_path):
+def test_train_step_bench_gemma_tiny_same_loss_both_sides(tmp_path, bench_cache):
     res = _run("train_step.py", ["--model", "gemma3-tiny", "--batch", "6", "--lengths", "48",
                                  "--query-length", "16", "--dtypes", "float32", "--packing", "off,on",
-                                 "--reps", "1"], tmp_path)
+                                 "--reps", "1"], tmp_path, bench_cache)
     cfg = res["configs"]["48/float32"]
     assert res["model"] == "gemma3-tiny" and set(res["cpu"]) == {"model", "cores", "flags"}
     assert cfg["query_length"] == 16 and cfg["real_tokens"] > 0
@@ -38,9 +44,9 @@ def test_train_step_bench_gemma_tiny_same_loss_both_sides(tmp_path):
     assert cfg["seconds"]["st"]["n"] == 1 and "ratio_ours_packed_vs_st" in cfg
 
 
-def test_encode_bench_gemma_tiny_matches_sentence_transformers(tmp_path):
+def test_encode_bench_gemma_tiny_matches_sentence_transformers(tmp_path, bench_cache):
     res = _run("encode.py", ["--model", "gemma3-tiny", "--texts", "24", "--lengths", "64", "--reps", "1",
-                             "--batch", "8", "--variants", "ours_f32"], tmp_path)
+                             "--batch", "8", "--variants", "ours_f32"], tmp_path, bench_cache)
     row = res["lengths"]["64"]
     assert res["model"] == "gemma3-tiny"
     assert row["max_abs_diff_vs_st"] < 1e-5

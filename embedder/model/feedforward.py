@@ -35,10 +35,8 @@ class GatedFeedForward(nn.Module):
 class FeedForward(nn.Module):
     """`down(act(up(x)))` with biases (BERT), over token rows `[B * L, D]`.
 
-    Autodiff sums a bias's gradient over every axis but the last. XLA:CPU sums a
-    `[B, L, F]` gradient over two axes through a 32 x 32 reduce-window that takes 3-4x
-    as long as a sum over the rows of `[B * L, F]` (36 vs 10 ms for [136, 64, 1536] on a
-    2-core EPYC); reshaping just before the sum does not help, XLA folds it back.
+    Token rows make a bias gradient a one-axis sum; XLA:CPU's two-axis sum of a `[B, L, F]`
+    gradient is 3-4x slower (bench/README.md, session 5).
     """
 
     config: ModelConfig
