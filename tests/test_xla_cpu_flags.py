@@ -44,7 +44,12 @@ def test_import_embedder_sets_the_flag_before_jax_compiles(opt_out, want):
 
 RANDOM_PROBE = """
 import hashlib, jax, jax.numpy as jnp, numpy as np
-import embedder.model  # registers the unrolled Threefry lowering unless opted out
+from embedder import cpu_random
+import embedder.model  # importing the model alone registers nothing
+assert not cpu_random._applied
+from embedder.train.config import base_config
+from embedder.train.setup import build_run
+build_run(base_config(), jax.devices()[:1])  # the run assembly registers it unless opted out
 f = jax.jit(lambda k: jax.random.bits(k, (3, 1000), jnp.uint32))
 loops = f.lower(jax.random.key(7)).compile().as_text().count(" while(")
 print(hashlib.sha256(np.asarray(f(jax.random.key(7))).tobytes()).hexdigest()[:16], loops)
@@ -52,8 +57,9 @@ print(hashlib.sha256(np.asarray(f(jax.random.key(7))).tobytes()).hexdigest()[:16
 
 
 def test_unrolled_threefry_gives_the_same_bits_without_a_loop():
-    """`import embedder.model` swaps JAX's rolled CPU Threefry loop for its unrolled lowering:
-    the same bits (as JAX's own rolled lowering, under the opt-out), and no while loop left."""
+    """Assembling a run (`build_run`, not importing the model) swaps JAX's rolled CPU Threefry loop
+    for its unrolled lowering: the same bits (as JAX's own rolled lowering, under the opt-out), and
+    no while loop left."""
     outs = {}
     for opt_out in (None, "0"):
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu_flags.OPT_OUT_ENV)}
