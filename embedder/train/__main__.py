@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from embedder import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, `path.py` or `path.py:ARG`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics, eval.")
@@ -127,4 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_tunables()   # big XLA:CPU buffers on huge pages (embedder/host_memory.py)
     app.run(main, flags_parser=_parse_flags)
