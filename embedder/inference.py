@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from embedder import xla_cpu_flags
 from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import length_buckets, load_tokenizer, pad_batch
 from embedder.model import EmbeddingModel, ModelConfig
@@ -35,7 +36,8 @@ def _jitted_apply(config: ModelConfig):
     """One jitted forward per architecture, shared by every Embedder of it: the evaluations a
     training run makes every N steps (a new Embedder each time) reuse the compiled buckets."""
     model = EmbeddingModel(config)
-    return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+    options = xla_cpu_flags.compiler_options(config.dtype, jax.default_backend())
+    return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask), compiler_options=options)
 
 
 class Embedder:

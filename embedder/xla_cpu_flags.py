@@ -2,10 +2,12 @@
 
 XLA:CPU hands dots and their neighbouring elementwise ops to YNNPACK fusions by default; for our
 f32 transformer shapes its own dot emitter plus loop fusions are faster (bench/README.md,
-session 3), while bf16 dots need YNNPACK to use a host's AMX / AVX512_BF16 units (session 8).
-`apply()` appends `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) to `XLA_FLAGS`
-unless the user already chose a value for that flag, or `EMBEDDER_XLA_CPU_DEFAULTS=0`. XLA reads
-`XLA_FLAGS` once, when the first backend starts; `import embedder` calls it.
+session 3), while bf16 x bf16 -> f32 dots need YNNPACK to use a host's AMX / AVX512_BF16 units
+(session 9). `apply()` appends `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) to
+`XLA_FLAGS`; `compiler_options(dtype, platform)` turns YNNPACK dots back on for one executable
+whose compute dtype is bf16 or f16. Neither acts when the user chose a value for that flag, or
+with `EMBEDDER_XLA_CPU_DEFAULTS=0`. XLA reads `XLA_FLAGS` once, when the first backend starts;
+`import embedder` calls `apply()`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 OPT_OUT_ENV = "EMBEDDER_XLA_CPU_DEFAULTS"
 _MIN_JAXLIB = (0, 8)   # the flag is known from here on; an unknown flag aborts XLA
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+_ours = False          # whether apply() set the flag (not the user)
 
 
 def _jaxlib_version() -> tuple[int, ...] | None:
@@ -41,6 +45,20 @@ def flags_with_defaults(xla_flags: str, jaxlib_version: tuple[int, ...] | None) 
 
 
 def apply() -> None:
+    global _ours
     if os.environ.get(OPT_OUT_ENV, "1") == "0":
         return
-    os.environ["XLA_FLAGS"] = flags_with_defaults(os.environ.get("XLA_FLAGS", ""), _jaxlib_version())
+    before = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = flags_with_defaults(before, _jaxlib_version())
+    _ours = _ours or os.environ["XLA_FLAGS"] != before
+
+
+def compiler_options(dtype, platform: str) -> dict:
+    """Per-executable XLA options (`jax.jit(..., compiler_options=...)`) for a computation in
+    compute `dtype` on `platform`: YNNPACK dots for bf16 / f16 on the CPU, where apply() turned
+    YNNPACK off; nothing otherwise."""
+    import numpy as np
+
+    if platform != "cpu" or not _ours or np.dtype(dtype).itemsize >= 4:
+        return {}
+    return dict(YNN_DOTS)

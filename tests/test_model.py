@@ -250,3 +250,29 @@ def test_attention_kernels_start_at_one_over_sqrt_fan_in(scan_layers):
     for name, fan_in in [("q", embed), ("k", embed), ("v", embed), ("o", heads * head_dim)]:
         std = float(np.asarray(attn[name]["w"]).std())
         assert std == pytest.approx(fan_in ** -0.5, rel=0.03), (name, std)
+
+
+def test_accumulating_einsum_rounds_once_and_its_gradients_too():
+    """bf16 x bf16 summed in f32 and rounded once, forward and both gradients, against an f32
+    einsum of the same bf16 values rounded the same way; bad equations are refused."""
+    from embedder.model.einsum import _transposed, accumulating_einsum
+
+    rng = np.random.default_rng(0)
+    for eqn, xs, ws in (("BLD,DF->BLF", (2, 5, 64), (64, 48)), ("BLD,DNH->BLNH", (2, 5, 64), (64, 3, 16)),
+                        ("TNH,NHD->TD", (7, 3, 16), (3, 16, 64))):
+        x = jnp.asarray(rng.normal(size=xs), jnp.bfloat16)
+        w = jnp.asarray(rng.normal(size=ws), jnp.bfloat16)
+        y32 = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32))
+        ct = jnp.asarray(rng.normal(size=y32.shape), jnp.bfloat16)
+        y, vjp = jax.vjp(lambda a, b: accumulating_einsum(eqn, a, b), x, w)
+        dx, dw = vjp(ct)
+        _, vjp32 = jax.vjp(lambda a, b: jnp.einsum(eqn, a, b), x.astype(jnp.float32), w.astype(jnp.float32))
+        dx32, dw32 = vjp32(ct.astype(jnp.float32))
+        for got, want in ((y, y32), (dx, dx32), (dw, dw32)):
+            assert got.dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
+                                       rtol=2 ** -7, atol=1e-2)
+    assert _transposed("BLD,DF->BLF") == ("BLF,DF->BLD", "BLD,BLF->DF")
+    for bad in ("ij,jk->i", "ii,ik->ik", "...d,df->...f"):
+        with pytest.raises(ValueError, match="every index"):
+            _transposed(bad)

@@ -72,3 +72,43 @@ def test_unrolled_threefry_gives_the_same_bits_without_a_loop():
         outs[opt_out] = out.stdout.split()[-2:]
     assert outs[None][0] == outs["0"][0]          # identical bits
     assert outs[None][1] == "0" and int(outs["0"][1]) >= 1  # unrolled vs JAX's rolled CPU loop
+
+
+def test_compiler_options_turn_ynnpack_dots_on_for_low_precision_cpu_executables(monkeypatch):
+    monkeypatch.setattr(xla_cpu_flags, "_ours", True)
+    assert xla_cpu_flags.compiler_options("bfloat16", "cpu") == xla_cpu_flags.YNN_DOTS
+    assert xla_cpu_flags.compiler_options("float16", "cpu") == xla_cpu_flags.YNN_DOTS
+    assert xla_cpu_flags.compiler_options("float32", "cpu") == {}
+    assert xla_cpu_flags.compiler_options("bfloat16", "tpu") == {}
+    monkeypatch.setattr(xla_cpu_flags, "_ours", False)   # the user set the flag, or opted out
+    assert xla_cpu_flags.compiler_options("bfloat16", "cpu") == {}
+
+
+@pytest.mark.skipif(not xla_cpu_flags._ours, reason="YNNPACK flag set by the user")
+def test_bf16_encoder_dots_run_in_ynnpack_as_bf16_x_bf16_to_f32():
+    """A bf16 Embedder forward compiles its projections into YNNPACK dots of bf16 operands
+    (AMX / AVX512_BF16 where the host has them); the f32 forward keeps XLA's own dots."""
+    import re
+
+    import jax
+    import numpy as np
+
+    from embedder.inference import _jitted_apply
+    from embedder.model import ModelConfig
+
+    from embedder.model import EmbeddingModel
+
+    config = dict(family="gemma", vocab_size=64, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=16, layer_types=("local", "global"), sliding_window=4,
+                  projection_dims=(16,))
+    ids, mask = np.ones((2, 8), np.int32), np.ones((2, 8), np.int32)
+    texts = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = ModelConfig(**config, dtype=dtype)
+        params = jax.eval_shape(lambda: EmbeddingModel(cfg).init(jax.random.key(0), ids, mask))["params"]
+        texts[dtype] = _jitted_apply(cfg).lower(params, ids, mask).compile().as_text()
+    # 7 projections a layer (q, k, v, o, gate, up, down), each a YNNPACK fusion of two bf16 operands.
+    ynn_fusions = texts["bfloat16"].count('"kind":"__ynn_fusion"')
+    bf16_operands = re.findall(r"%param_\d+(?:\.\d+)? = bf16\[", texts["bfloat16"])
+    assert ynn_fusions >= 2 * 7 and len(bf16_operands) >= 2 * 2 * 7, (ynn_fusions, len(bf16_operands))
+    assert "__ynn_fusion" not in texts["float32"]

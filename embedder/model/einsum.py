@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -22,6 +24,45 @@ def default_kernel_init(fan_in_axes: int = 1) -> Callable:
     return init
 
 
+def _transposed(eqn: str) -> tuple[str, str]:
+    """For `X,W->Y`: the equations of dX (`Y,W->X`) and dW (`X,Y->W`)."""
+    inputs, out = eqn.replace(" ", "").split("->")
+    x, w = inputs.split(",")
+    for name, term, others in (("first", x, w + out), ("second", w, x + out)):
+        if "." in eqn or len(set(term)) != len(term) or not set(term) <= set(others):
+            raise ValueError(f"einsum {eqn!r}: every index of the {name} operand must appear once in it and "
+                             "again in the other operand or the output (no ellipsis, traces or lone sums)")
+    return f"{out},{w}->{x}", f"{x},{out}->{w}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def accumulating_einsum(eqn: str, x, w):
+    """`einsum(eqn, x, w)` of two low-precision operands, accumulated in float32 and rounded to
+    their dtype once; its gradients are computed the same way.
+
+    The same numbers as a plain bf16 einsum on TPU/GPU (their dots accumulate in f32), but on
+    CPU a bf16 x bf16 -> f32 dot is one YNNPACK can run on AMX / AVX512_BF16 units, where
+    XLA:CPU turns a bf16 -> bf16 dot into an f32 dot of upcast operands (bench/README.md,
+    session 9). A plain `preferred_element_type` would leave the backward dots f32 x bf16.
+    """
+    return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _accumulating_fwd(eqn, x, w):
+    return accumulating_einsum(eqn, x, w), (x, w)
+
+
+def _accumulating_bwd(eqn, residuals, ct):
+    x, w = residuals
+    dx_eqn, dw_eqn = _transposed(eqn)
+    ct = ct.astype(x.dtype)
+    return (jnp.einsum(dx_eqn, ct, w, preferred_element_type=jnp.float32).astype(x.dtype),
+            jnp.einsum(dw_eqn, x, ct, preferred_element_type=jnp.float32).astype(w.dtype))
+
+
+accumulating_einsum.defvjp(_accumulating_fwd, _accumulating_bwd)
+
+
 class Einsum(nn.Module):
     """`y = einsum(eqn, x, w) (+ b)`; `w` of `shape` with logical `axes`, compute in `dtype`."""
 
@@ -37,7 +78,11 @@ class Einsum(nn.Module):
     def __call__(self, eqn: str, x):
         w = self.param("w", nn.with_logical_partitioning(self.kernel_init, self.axes),
                        self.shape, self.param_dtype)
-        y = jnp.einsum(eqn, x.astype(self.dtype), jnp.asarray(w, self.dtype))
+        x, w = x.astype(self.dtype), jnp.asarray(w, self.dtype)
+        if jnp.dtype(self.dtype).itemsize < 4:   # bf16 / f16 compute: f32 accumulation, native dots
+            y = accumulating_einsum(eqn, x, w)
+        else:
+            y = jnp.einsum(eqn, x, w)
         if self.bias_shape is not None:
             b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                            self.bias_shape, self.param_dtype)

@@ -10,7 +10,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from embedder import cpu_random, sharding
+from embedder import cpu_random, sharding, xla_cpu_flags
 from embedder.model import EmbeddingModel, ModelConfig
 from embedder.train.optim import make_optimizer
 from embedder.train.state import TrainState, create_train_state, state_shardings_for
@@ -51,5 +51,6 @@ def build_run(config, devices: Sequence[Any] | None = None, num_slices: int | No
     step_fn = make_train_step(model, config.loss, optimizer, grad_cache_chunks=config.grad_cache_chunks,
                               frozen=config.optimizer.frozen)
     # The config's rules, not whatever is active at trace time, constrain activations.
-    step = jit_train_step(step_fn, state_shardings, mesh, rules=rules)
+    options = xla_cpu_flags.compiler_options(model.config.dtype, mesh.devices.flat[0].platform)
+    step = jit_train_step(step_fn, state_shardings, mesh, rules=rules, compiler_options=options)
     return Run(mesh, rules, model, optimizer, abstract_state, state_shardings, step, example)

@@ -185,14 +185,15 @@ def _mesh_of(where) -> Mesh:
     raise TypeError(f"jit_train_step: expected a Mesh or batch NamedSharding(s), got {type(where).__name__}")
 
 
-def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding, *, rules=None):
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding, *, rules=None,
+                   compiler_options: dict | None = None):
     """`jax.jit` of the step with explicit shardings and the old state donated.
 
     `batch_sharding`: a `Mesh` (every batch entry split by rows over the data axes),
     one `NamedSharding` for all entries, or a dict of them. `rules`: the logical-axis
     rules for activation constraints while tracing (default: the rules active at
-    trace time, else `sharding.DEFAULT_RULES`). Lower and compile it under
-    `jax.set_mesh(mesh)`.
+    trace time, else `sharding.DEFAULT_RULES`). `compiler_options`: per-executable XLA options
+    (`xla_cpu_flags.compiler_options`). Lower and compile it under `jax.set_mesh(mesh)`.
     """
     mesh = _mesh_of(batch_sharding)
     if isinstance(batch_sharding, Mesh):
@@ -205,4 +206,5 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_shardin
             return step_fn(state, batch, rng)
 
     return jax.jit(step_with_rules, in_shardings=(state_shardings, batch_sharding, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=compiler_options)
