@@ -13,10 +13,9 @@ cosine >= 0.999 to the f32 embedding (sentence-transformers', equal to ours to ~
 Throughput counts real (non-padding) tokens.
 
 Each of our variants runs in its own process, interleaved there with sentence-transformers
-(`--variants` picks them; one variant runs in this process). In one process an f32 encode
-that follows a bf16 encode took 40-41 s instead of 36.4-37.3 s (2,048 texts, length 128):
-the two models' buffers share glibc's one malloc arena (`embedder/host_memory.py`), which a
-user who loads one model per process never sees.
+(`--variants` picks them; one variant runs in this process): the two models' buffers would
+share one malloc arena (`embedder/host_memory.py`), which a user who loads one model per
+process never sees. `ours_bf16_xla_dots` is bf16 compute with YNNPACK off (XLA's f32 dots).
 """
 
 from __future__ import annotations
@@ -39,12 +38,12 @@ import flops
 VARIANTS = {  # name -> Embedder config overrides
     "ours_f32": {},
     "ours_bf16": {"dtype": "bfloat16"},
-    "ours_bf16_ynn": {"dtype": "bfloat16"},
+    "ours_bf16_xla_dots": {"dtype": "bfloat16"},
 }
-# XLA flags a variant's process starts with. Our CPU default turns YNNPACK fusions off (faster f32
-# models, `embedder/xla_cpu_flags.py`); with them, XLA:CPU's bf16 dots use the host's bf16 matmul
-# units (AMX / AVX512_BF16), which its own dot emitter does not.
-VARIANT_XLA_FLAGS = {"ours_bf16_ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
+# XLA flags a variant's process starts with. Our bf16 executables run their dots in YNNPACK, on the
+# host's bf16 matmul units (AMX / AVX512_BF16; `embedder/xla_cpu_flags.py`); `ours_bf16_xla_dots`
+# is the same model with YNNPACK off (the flag set by the user wins), i.e. XLA's own f32 dots.
+VARIANT_XLA_FLAGS = {"ours_bf16_xla_dots": "--xla_cpu_experimental_ynn_fusion_type="}
 
 
 def run(texts_n: int, lengths: list[int], reps: int, batch: int, variant: str = "ours_f32",

@@ -18,6 +18,8 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 OPT_OUT_ENV = "EMBEDDER_XLA_CPU_DEFAULTS"
 _MIN_JAXLIB = (0, 8)   # the flag is known from here on; an unknown flag aborts XLA
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA_FLAGS as apply() left it, so a child process that inherits them knows the flag is ours.
+APPLIED_ENV = "EMBEDDER_XLA_FLAGS_APPLIED"
 _ours = False          # whether apply() set the flag (not the user)
 
 
@@ -50,15 +52,17 @@ def apply() -> None:
         return
     before = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = flags_with_defaults(before, _jaxlib_version())
-    _ours = _ours or os.environ["XLA_FLAGS"] != before
+    _ours = _ours or os.environ["XLA_FLAGS"] != before or os.environ.get(APPLIED_ENV) == before
+    if _ours:
+        os.environ[APPLIED_ENV] = os.environ["XLA_FLAGS"]
 
 
 def compiler_options(dtype, platform: str) -> dict:
     """Per-executable XLA options (`jax.jit(..., compiler_options=...)`) for a computation in
     compute `dtype` on `platform`: YNNPACK dots for bf16 / f16 on the CPU, where apply() turned
     YNNPACK off; nothing otherwise."""
-    import numpy as np
+    import jax.numpy as jnp
 
-    if platform != "cpu" or not _ours or np.dtype(dtype).itemsize >= 4:
+    if platform != "cpu" or not _ours or jnp.dtype(dtype).itemsize >= 4:
         return {}
     return dict(YNN_DOTS)

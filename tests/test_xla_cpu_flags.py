@@ -112,3 +112,24 @@ def test_bf16_encoder_dots_run_in_ynnpack_as_bf16_x_bf16_to_f32():
     bf16_operands = re.findall(r"%param_\d+(?:\.\d+)? = bf16\[", texts["bfloat16"])
     assert ynn_fusions >= 2 * 7 and len(bf16_operands) >= 2 * 2 * 7, (ynn_fusions, len(bf16_operands))
     assert "__ynn_fusion" not in texts["float32"]
+
+
+OURS_PROBE = "import embedder; from embedder import xla_cpu_flags; print(xla_cpu_flags._ours)"
+
+
+def test_a_child_process_knows_the_inherited_flag_is_ours_but_not_a_changed_one():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", xla_cpu_flags.OPT_OUT_ENV, xla_cpu_flags.APPLIED_ENV)}
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def ours(**extra):
+        out = subprocess.run([sys.executable, "-c", OURS_PROBE], env=dict(env, **extra), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1] == "True"
+
+    assert ours()
+    applied = {"XLA_FLAGS": f"{F}=", xla_cpu_flags.APPLIED_ENV: f"{F}="}   # what a parent exports
+    assert ours(**applied)
+    assert not ours(**dict(applied, XLA_FLAGS=f"{F}= {F}="))   # the user added the flag again
+    assert not ours(XLA_FLAGS=f"{F}=")   # set by the user, no parent of ours
