@@ -149,3 +149,29 @@ def test_encode_max_length_and_overrides(minilm_path):
     fast = Embedder.load(minilm_path, config_overrides={"attention_impl": "dot_product_attention"})
     assert fast.config.attention_impl == "dot_product_attention"
     np.testing.assert_allclose(fast.encode(TEXTS), ours.encode(TEXTS), atol=1e-5, rtol=0)
+
+
+def test_bf16_weights_converted_once_give_the_same_bits(tmp_path, repo_root):
+    """A bf16 Embedder converts the weights its forward only ever converts to bf16 once (not per
+    call); norm scales and the f32 projection head stay f32; the embeddings are the same bits
+    as with every leaf converted inside the forward. f32 models keep their params as they are."""
+    import jax
+    import jax.numpy as jnp
+
+    from embedder.inference import precast_params
+
+    folder, _ = _embeddinggemma_folder(tmp_path, repo_root / "embedder" / "assets" / "debian_sp8k.model")
+    ours = Embedder.load(folder, config_overrides={"dtype": "bfloat16"})
+    texts = TEXTS + ["a long one " * 8]
+    got = ours.encode(texts, batch_size=3)
+    dtypes = {jax.tree_util.keystr(p): leaf.dtype
+              for p, leaf in jax.tree_util.tree_flatten_with_path(ours._run_params)[0]}
+    assert dtypes["['encoder']['layer_0']['mlp']['up']['w']"] == jnp.bfloat16
+    assert dtypes["['encoder']['embedding']"] == jnp.bfloat16
+    assert dtypes["['encoder']['layer_0']['pre_attention_norm']['scale']"] == jnp.float32
+    assert all(v == jnp.float32 for k, v in dtypes.items() if k.startswith("['head']"))
+    converted_inside = Embedder.load(folder, config_overrides={"dtype": "bfloat16"})
+    converted_inside._run_params = converted_inside.params
+    np.testing.assert_array_equal(got, converted_inside.encode(texts, batch_size=3))
+    f32 = Embedder.load(folder)
+    assert precast_params(f32.model, f32.params, "float32") is f32.params
