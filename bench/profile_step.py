@@ -103,12 +103,12 @@ class Forward:
 
     def __init__(self, model_name: str, dtype: str, length: int, batch: int):
         from embedder.data.tokenizer import pad_batch
-        from embedder.inference import Embedder
+        from embedder.inference import Embedder, precast_params
 
         model = Embedder.load(str(bench_models.get(model_name).ours), config_overrides={"dtype": dtype})
         seqs = model.tokenizer.encode(measure.debian_texts(batch), max_length=length)
         ids, mask = pad_batch(seqs, model.tokenizer.pad_id, buckets=(length,), max_length=length)
-        self.args = (model.params, ids, mask)
+        self.args = (precast_params(model.model, model.params, dtype), ids, mask)   # as encode runs it
         self.step = model._apply.lower(*self.args).compile()
 
     def __call__(self):
