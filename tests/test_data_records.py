@@ -53,7 +53,7 @@ def test_bad_line_strict_and_skip(tmp_path, reason, bad, gz):
     log = BadRecordLog("skip")
     records = list(read_jsonl_pairs([path], log, max_text_chars=100))
     assert [r["query"] for _, r in records] == ["first", "third"]
-    assert [k for k, _ in records] == [f"{path}:1", f"{path}:3"]
+    assert [k for k, _ in records] == ["0:1", "0:3"]
     assert dict(log.counts) == {reason: 1}
     assert log.examples[reason] == str(e.value)
     assert reason in log.summary()
@@ -84,7 +84,11 @@ def test_good_record_normalised(tmp_path):
     path = _write(tmp_path / "g.jsonl", [b"", _j({"query": "日本 😀", "positive": "p\tq", "negatives": ["a", " ", "b"],
                                                "task": "fact checking", "title": None, "extra": 1})])
     [(key, rec)] = list(read_jsonl_pairs(path, BadRecordLog("strict"), 100))
-    assert key == f"{path}:2"
+    assert key == "0:2"   # file index, line: the same wherever the file lives (TFDS orders by key)
+    moved = tmp_path / "elsewhere" / "renamed.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    assert [k for k, _ in read_jsonl_pairs([moved, path], BadRecordLog("strict"), 100)] == ["0:2", "1:2"]
     assert rec == {"query": "日本 😀", "positive": "p\tq", "negatives": ["a", "b"], "task": "fact checking",
                    "title": ""}
 

@@ -133,10 +133,12 @@ def validate_pair(obj: dict, where: str, log: BadRecordLog, max_text_chars: int)
 
 
 def read_jsonl_pairs(files, log: BadRecordLog, max_text_chars: int):
-    """Yields (key, record) for every valid record of JSONL(.gz) `files`; keys are `FILE:LINE`."""
+    """Yields (key, record) for every valid record of JSONL(.gz) `files`; keys are
+    `FILE_INDEX:LINE` (the file's place in `files`), not its path: TFDS orders a prepared
+    dataset by a hash of the keys, and moving or renaming the data must not change that order."""
     if isinstance(files, (str, pathlib.Path)):
         files = [files]
-    for path in map(pathlib.Path, files):
+    for index, path in enumerate(map(pathlib.Path, files)):
         for lineno, raw in _open_lines(path, log):
             where = f"{path}:{lineno}"
             obj = _decode_json(path, lineno, raw, log)
@@ -144,7 +146,7 @@ def read_jsonl_pairs(files, log: BadRecordLog, max_text_chars: int):
                 continue
             record = validate_pair(obj, where, log, max_text_chars)
             if record is not None:
-                yield where, record
+                yield f"{index}:{lineno}", record
 
 
 def _find(directory: pathlib.Path, stem: str) -> pathlib.Path:
