@@ -276,3 +276,38 @@ def test_accumulating_einsum_rounds_once_and_its_gradients_too():
     for bad in ("ij,jk->i", "ii,ik->ik", "...d,df->...f"):
         with pytest.raises(ValueError, match="every index"):
             _transposed(bad)
+
+
+def test_einsum_product_as_one_matmul_equals_the_einsum(monkeypatch):
+    """Products over grouped axes run as one 2-D matmul on the CPU (no transposed gradient
+    copies, bench/README.md session 10): same values and gradients as the einsum, f32 and bf16;
+    other equations, and other platforms, keep the einsum."""
+    from embedder.model import einsum as einsum_lib
+
+    assert einsum_lib.matmul_groups("BLD,DF->BLF") == (2, 1)
+    assert einsum_lib.matmul_groups("BLD,DNH->BLNH") == (2, 1)
+    assert einsum_lib.matmul_groups("TNH,NHD->TD") == (1, 2)
+    assert einsum_lib.matmul_groups("BD,DE->BE") == (1, 1)
+    for other in ("BLD,FD->BLF", "BLD,DF->LBF", "BTH,BSH->BTS", "BLD,DF->BFL", "BLNH,HN->BL", "ij,jk->ik k"):
+        assert einsum_lib.matmul_groups(other) is None, other
+    rng = np.random.default_rng(1)
+    for eqn, xs, ws in (("BLD,DF->BLF", (2, 5, 8), (8, 6)), ("BLD,DNH->BLNH", (2, 5, 8), (8, 3, 4)),
+                        ("TNH,NHD->TD", (7, 3, 4), (3, 4, 8))):
+        for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+            x = jnp.asarray(rng.normal(size=xs), dtype)
+            w = jnp.asarray(rng.normal(size=ws), dtype)
+            ct = jnp.asarray(rng.normal(size=jnp.einsum(eqn, x, w).shape), dtype)
+            accumulate = dtype == jnp.bfloat16
+            outs = {}
+            for flat in (True, False):
+                monkeypatch.setattr(einsum_lib, "flatten_dots", lambda flat=flat: flat)
+                jaxpr = jax.make_jaxpr(lambda a, b: einsum_lib.einsum_product(eqn, a, b, accumulate))(x, w)
+                assert ("reshape" in str(jaxpr)) == flat, (eqn, flat)
+                y, vjp = jax.vjp(lambda a, b: einsum_lib.einsum_product(eqn, a, b, accumulate), x, w)
+                outs[flat] = (y, *vjp(ct))
+            for got, want in zip(outs[True], outs[False]):
+                assert got.shape == want.shape and got.dtype == want.dtype == dtype
+                np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                           rtol=tol, atol=tol)
+    monkeypatch.undo()
+    assert einsum_lib.flatten_dots() == (jax.default_backend() == "cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -63,6 +64,50 @@ def _accumulating_bwd(eqn, residuals, ct):
 accumulating_einsum.defvjp(_accumulating_fwd, _accumulating_bwd)
 
 
+@functools.lru_cache(maxsize=None)
+def matmul_groups(eqn: str) -> tuple[int, int] | None:
+    """`(free, contracted)` when `eqn` is one matrix product over grouped axes: `X,W->Y` with
+    X = free + contracted, W = contracted + W's own axes (the contracted ones in the same order)
+    and Y = free + W's own axes, as in `BLD,DF->BLF`, `BLD,DNH->BLNH` or `TNH,NHD->TD`;
+    None for anything else (shared batch axes, reordered axes)."""
+    inputs, out = eqn.replace(" ", "").split("->")
+    x, w = inputs.split(",")
+    k = len(set(x) & set(w))
+    free = len(x) - k
+    if (k and free and x[free:] == w[:k] and out == x[:free] + w[k:]
+            and len(set(x + w)) == len(x) + len(w) - k):
+        return free, k
+    return None
+
+
+def flatten_dots() -> bool:
+    """Whether `Einsum` runs its products as 2-D matmuls: on the CPU. There XLA:CPU's layout
+    assignment writes the gradient of a `[B, L, F]` activation transposed (`[F, B*L]`) for the
+    weight-gradient dot of a 3-D einsum, a strided copy as slow as the dot it feeds (Gemma 3 270M
+    f32 train step: 48% of the non-dot op time; bench/README.md, session 10); with the token axes
+    merged first it does not. TPU / GPU programs are left as they were (not measured there)."""
+    return jax.default_backend() == "cpu"
+
+
+def _product(eqn: str, x, w, accumulate: bool):
+    if accumulate:   # bf16 / f16 compute: f32 accumulation, native dots
+        return accumulating_einsum(eqn, x, w)
+    return jnp.einsum(eqn, x, w)
+
+
+def einsum_product(eqn: str, x, w, accumulate: bool = False):
+    """`einsum(eqn, x, w)` (with `accumulating_einsum` when `accumulate`), as one 2-D matmul when
+    `eqn` is a product over grouped axes (`matmul_groups`) and `flatten_dots()`: the same sums."""
+    groups = matmul_groups(eqn) if flatten_dots() else None
+    if groups is None:
+        return _product(eqn, x, w, accumulate)
+    free, k = groups
+    lead, inner, tail = x.shape[:free], x.shape[free:], w.shape[k:]
+    y = _product("MK,KN->MN", x.reshape(math.prod(lead), math.prod(inner)),
+                 w.reshape(math.prod(inner), math.prod(tail)), accumulate)
+    return y.reshape(lead + tail)
+
+
 class Einsum(nn.Module):
     """`y = einsum(eqn, x, w) (+ b)`; `w` of `shape` with logical `axes`, compute in `dtype`."""
 
@@ -79,10 +124,7 @@ class Einsum(nn.Module):
         w = self.param("w", nn.with_logical_partitioning(self.kernel_init, self.axes),
                        self.shape, self.param_dtype)
         x, w = x.astype(self.dtype), jnp.asarray(w, self.dtype)
-        if jnp.dtype(self.dtype).itemsize < 4:   # bf16 / f16 compute: f32 accumulation, native dots
-            y = accumulating_einsum(eqn, x, w)
-        else:
-            y = jnp.einsum(eqn, x, w)
+        y = einsum_product(eqn, x, w, accumulate=jnp.dtype(self.dtype).itemsize < 4)
         if self.bias_shape is not None:
             b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                            self.bias_shape, self.param_dtype)
