@@ -279,9 +279,9 @@ def test_accumulating_einsum_rounds_once_and_its_gradients_too():
 
 
 def test_einsum_product_as_one_matmul_equals_the_einsum(monkeypatch):
-    """Products over grouped axes run as one 2-D matmul on the CPU (no transposed gradient
-    copies, bench/README.md session 10): same values and gradients as the einsum, f32 and bf16;
-    other equations, and other platforms, keep the einsum."""
+    """f32 products over grouped axes run as one 2-D matmul on the CPU (no transposed gradient
+    copies, bench/README.md session 10): same values and gradients as the einsum; bf16 products,
+    other equations and other platforms keep the einsum."""
     from embedder.model import einsum as einsum_lib
 
     assert einsum_lib.matmul_groups("BLD,DF->BLF") == (2, 1)
@@ -302,7 +302,7 @@ def test_einsum_product_as_one_matmul_equals_the_einsum(monkeypatch):
             for flat in (True, False):
                 monkeypatch.setattr(einsum_lib, "flatten_dots", lambda flat=flat: flat)
                 jaxpr = jax.make_jaxpr(lambda a, b: einsum_lib.einsum_product(eqn, a, b, accumulate))(x, w)
-                assert ("reshape" in str(jaxpr)) == flat, (eqn, flat)
+                assert ("reshape" in str(jaxpr)) == (flat and not accumulate), (eqn, flat)
                 y, vjp = jax.vjp(lambda a, b: einsum_lib.einsum_product(eqn, a, b, accumulate), x, w)
                 outs[flat] = (y, *vjp(ct))
             for got, want in zip(outs[True], outs[False]):

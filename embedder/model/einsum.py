@@ -81,11 +81,13 @@ def matmul_groups(eqn: str) -> tuple[int, int] | None:
 
 
 def flatten_dots() -> bool:
-    """Whether `Einsum` runs its products as 2-D matmuls: on the CPU. There XLA:CPU's layout
+    """Whether `Einsum` runs its f32 products as 2-D matmuls: on the CPU. There XLA:CPU's layout
     assignment writes the gradient of a `[B, L, F]` activation transposed (`[F, B*L]`) for the
     weight-gradient dot of a 3-D einsum, a strided copy as slow as the dot it feeds (Gemma 3 270M
-    f32 train step: 48% of the non-dot op time; bench/README.md, session 10); with the token axes
-    merged first it does not. TPU / GPU programs are left as they were (not measured there)."""
+    f32 train step: 48% of the non-dot op time, step 1.20x -> 1.37x sentence-transformers';
+    bench/README.md, session 10); with the token axes merged first it does not. Not for bf16 /
+    f16 products (YNNPACK dots), whose step got slower so (13.1 -> 17.8 s), nor on TPU / GPU
+    (not measured there)."""
     return jax.default_backend() == "cpu"
 
 
@@ -96,9 +98,10 @@ def _product(eqn: str, x, w, accumulate: bool):
 
 
 def einsum_product(eqn: str, x, w, accumulate: bool = False):
-    """`einsum(eqn, x, w)` (with `accumulating_einsum` when `accumulate`), as one 2-D matmul when
-    `eqn` is a product over grouped axes (`matmul_groups`) and `flatten_dots()`: the same sums."""
-    groups = matmul_groups(eqn) if flatten_dots() else None
+    """`einsum(eqn, x, w)` (with `accumulating_einsum` when `accumulate`); an f32 one as one 2-D
+    matmul when `eqn` is a product over grouped axes (`matmul_groups`) and `flatten_dots()`: the
+    same sums."""
+    groups = matmul_groups(eqn) if flatten_dots() and not accumulate else None
     if groups is None:
         return _product(eqn, x, w, accumulate)
     free, k = groups
