@@ -91,23 +91,18 @@ def flatten_dots() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _product(eqn: str, x, w, accumulate: bool):
-    if accumulate:   # bf16 / f16 compute: f32 accumulation, native dots
-        return accumulating_einsum(eqn, x, w)
-    return jnp.einsum(eqn, x, w)
-
-
 def einsum_product(eqn: str, x, w, accumulate: bool = False):
-    """`einsum(eqn, x, w)` (with `accumulating_einsum` when `accumulate`); an f32 one as one 2-D
-    matmul when `eqn` is a product over grouped axes (`matmul_groups`) and `flatten_dots()`: the
-    same sums."""
-    groups = matmul_groups(eqn) if flatten_dots() and not accumulate else None
+    """`einsum(eqn, x, w)`: with `accumulating_einsum` when `accumulate` (bf16 / f16 compute:
+    f32 accumulation, native dots); otherwise as one 2-D matmul when `eqn` is a product over
+    grouped axes (`matmul_groups`) and `flatten_dots()`, the same sums."""
+    if accumulate:
+        return accumulating_einsum(eqn, x, w)
+    groups = matmul_groups(eqn) if flatten_dots() else None
     if groups is None:
-        return _product(eqn, x, w, accumulate)
+        return jnp.einsum(eqn, x, w)
     free, k = groups
     lead, inner, tail = x.shape[:free], x.shape[free:], w.shape[k:]
-    y = _product("MK,KN->MN", x.reshape(math.prod(lead), math.prod(inner)),
-                 w.reshape(math.prod(inner), math.prod(tail)), accumulate)
+    y = jnp.dot(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), math.prod(tail)))
     return y.reshape(lead + tail)
 
 
