@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from embedder.data.pipeline import default_data_config, make_train_iterator
+from embedder.data.data_config import default_data_config
+from embedder.data.pipeline import make_train_iterator
 from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import load_tokenizer
 

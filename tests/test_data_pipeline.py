@@ -9,7 +9,8 @@ import pytest
 
 from embedder.data.mixture import MixtureSchedule
 from embedder.data.packing import assign_rows, packed_rows
-from embedder.data.pipeline import default_buckets, default_data_config, make_train_iterator
+from embedder.data.data_config import default_buckets, default_data_config
+from embedder.data.pipeline import make_train_iterator
 from embedder.data.prompts import Prompts
 from embedder.data.text_identity import text_ids
 from embedder.data.tokenizer import ASSETS_DIR, SentencePieceTokenizer

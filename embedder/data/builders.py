@@ -73,8 +73,10 @@ class _PairsBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         count = 0
+        self._max_negatives = 0
         for key, record in self._records(self._bad):
             count += 1
+            self._max_negatives = max(self._max_negatives, len(record.get("negatives") or ()))
             yield key, record
         if count == 0:
             raise BadRecordError(f"{self._source_name()}: no valid records "
@@ -83,7 +85,8 @@ class _PairsBuilder(tfds.core.GeneratorBasedBuilder):
     def _download_and_prepare(self, dl_manager, download_config=None):
         result = super()._download_and_prepare(dl_manager, download_config)
         # Written into the incomplete dir, so it moves with the data when preparation succeeds.
-        payload = {"counts": dict(self._bad.counts), "examples": self._bad.examples, "first": self._bad.first}
+        payload = {"counts": dict(self._bad.counts), "examples": self._bad.examples, "first": self._bad.first,
+                   "max_negatives": self._max_negatives}
         pathlib.Path(self.data_path, BAD_RECORDS_FILE).write_text(json.dumps(payload, indent=1))
         return result
 
@@ -214,6 +217,8 @@ class PreparedDataset:
     skip_counts: dict
     skip_examples: dict
     directory: str
+    max_negatives: int   # the most negatives any record has
+
 
 
 def prepare_dataset(entry: dict, *, data_dir=None, on_bad_record="strict", max_text_chars=100_000,
@@ -234,7 +239,15 @@ def prepare_dataset(entry: dict, *, data_dir=None, on_bad_record="strict", max_t
     if on_bad_record == "strict" and bad["counts"]:
         reason, line = bad.get("first") or sorted(bad["examples"].items())[0]
         raise BadRecordError(line, reason)
-    return PreparedDataset(name=entry.get("name") or builder.builder_config.name,
-                           source=PairSource(builder.as_data_source()["train"]),
+    source = PairSource(builder.as_data_source()["train"])
+    max_negatives = bad.get("max_negatives")
+    if max_negatives is None:   # prepared before the count was recorded: count once now
+        max_negatives = max((len(r["negatives"]) for r in _all_records(source)), default=0)
+    return PreparedDataset(name=entry.get("name") or builder.builder_config.name, source=source,
                            skip_counts=dict(bad["counts"]), skip_examples=dict(bad["examples"]),
-                           directory=str(builder.data_dir))
+                           directory=str(builder.data_dir), max_negatives=int(max_negatives))
+
+
+def _all_records(source: PairSource, chunk: int = 4096):
+    for lo in range(0, len(source), chunk):
+        yield from source.__getitems__(range(lo, min(lo + chunk, len(source))))

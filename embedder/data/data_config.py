@@ -2,7 +2,8 @@
 
 `data_config` (an `ml_collections.ConfigDict`; start from `default_data_config()`):
 
-    datasets            list of dicts, one per mixture component:
+    datasets            list of dicts, one per mixture component (or a string "a.jsonl[,b.jsonl...]":
+                        one JSONL dataset of those files, named after the first, default task):
                           name     str, unique; shows up in metrics and in `batch["dataset"]` order
                           builder  "jsonl" (default when `files` is set) | "beir" | "debian"
                           files    list of .jsonl / .jsonl.gz paths            (jsonl)
@@ -21,12 +22,14 @@
                         so the step compiles at most len(q) * len(d) times. Empty -> powers of two
                         from max_length / 8 up to max_length. Positives and negatives share a bucket.
     num_negatives       K hard negatives per row; rows with fewer get `negatives_valid=False` slots
-                        (a record with more keeps a seeded random K)
+                        (a record with more keeps a seeded random K); -1: as many as the records
+                        carry (the most any record of the mixture has, counted when the data is
+                        prepared; the run logs the K it took)
     on_bad_record       "strict": stop before training with `FILE:LINE: problem (fix)`;
                         "skip": skip bad records, count them per reason (`iterator.skip_counts`)
     max_text_chars      a longer query / positive / negative / title is a bad record
-    data_dir            where prepared array_record datasets live ("" -> $TFDS_DATA_DIR or
-                        ~/tensorflow_datasets); the train loop may point it into the workdir
+    data_dir            where prepared array_record datasets live; "" -> $TFDS_DATA_DIR when set,
+                        else WORKDIR/data under `python -m embedder.train` (the run logs the directory)
     shuffle             visit each dataset in a seeded random order, reshuffled every epoch
     prefetch            batches built ahead on a background thread (0 = build on demand)
     packing             emit packed batches (`embedder.data.packing.pack_batch`): each padded batch's
@@ -41,6 +44,7 @@
 from __future__ import annotations
 
 import collections
+import pathlib
 
 import ml_collections
 
@@ -83,9 +87,23 @@ def checked_buckets(given, max_length: int, name: str) -> tuple[int, ...]:
     return buckets
 
 
+def jsonl_files_entry(files: str) -> dict:
+    """The dataset entry of a `data.datasets` string: comma-separated JSONL files, one dataset."""
+    paths = [f.strip() for f in files.split(",") if f.strip()]
+    name = pathlib.Path(paths[0]).name.split(".")[0] if paths else ""
+    return {"name": name or "data", "builder": "jsonl", "files": paths, "task": DEFAULT_TASK, "weight": 1.0}
+
+
 def dataset_entries(data_config) -> list[dict]:
-    """`data_config.datasets` as dicts with defaults filled in; names must be unique."""
-    entries = [dict(e) for e in (data_config.datasets or [])]
+    """`data_config.datasets` as dicts with defaults filled in; names must be unique. A string
+    names JSONL files of one dataset (`jsonl_files_entry`)."""
+    datasets = data_config.datasets
+    if isinstance(datasets, str):
+        if not datasets.strip():
+            raise ValueError("data_config.datasets is empty; pass your JSONL file(s), e.g. "
+                             "--config.data.datasets=pairs.jsonl (comma-separated for several)")
+        datasets = [jsonl_files_entry(datasets)]
+    entries = [dict(e) for e in (datasets or [])]
     if not entries:
         raise ValueError("data_config.datasets is empty; add at least one {name, files|builder, task, weight}")
     names = [e.get("name") for e in entries]

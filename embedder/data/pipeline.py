@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import logging
 import queue
 import threading
 import weakref
@@ -14,15 +15,15 @@ import grain
 import numpy as np
 
 from embedder.data.builders import prepare_dataset
-# default_buckets, default_data_config re-exported: the config helpers lived here before data_config.py.
-from embedder.data.data_config import (  # noqa: F401
-    checked_buckets, dataset_entries, default_buckets, default_data_config)
+from embedder.data.data_config import checked_buckets, dataset_entries
 from embedder.data.global_lengths import GlobalLengths
 from embedder.data.mixture import MixtureSchedule
 from embedder.data.packing import pack_batch
 from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import pad_batch
 from embedder.data.text_identity import text_ids
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 # Prefetch threads must stop before interpreter teardown: a daemon thread killed inside the
@@ -85,7 +86,7 @@ class TrainIterator:
     """
 
     def __init__(self, datasets, entries, data_config, *, tokenizer, prompts, global_batch_size, seed,
-                 process_index=0, process_count=1, row_multiple=8):
+                 process_index=0, process_count=1, row_multiple=8, num_negatives=None):
         if global_batch_size % process_count:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count="
                              f"{process_count}; pick a multiple of {process_count}")
@@ -100,9 +101,11 @@ class TrainIterator:
         self.seed, self.process_index, self.process_count = int(seed), process_index, process_count
         self.mode = data_config.mode
         self.shuffle = bool(data_config.shuffle)
-        self.num_negatives = int(data_config.num_negatives)
+        # `num_negatives`: data_config.num_negatives with -1 resolved (`negatives_per_row`).
+        self.num_negatives = int(data_config.num_negatives if num_negatives is None else num_negatives)
         if self.num_negatives < 0:
-            raise ValueError(f"data_config.num_negatives={self.num_negatives} must be >= 0")
+            raise ValueError(f"num_negatives={self.num_negatives} must be >= 0 (make_train_iterator resolves "
+                             "data_config.num_negatives=-1 from the prepared data)")
         self.query_max_length = int(data_config.query_max_length)
         self.document_max_length = int(data_config.document_max_length)
         self.query_buckets = checked_buckets(data_config.query_length_buckets, self.query_max_length,
@@ -350,6 +353,21 @@ def prepare_datasets(data_config, *, verbose=True):
     return entries, prepared
 
 
+def negatives_per_row(data_config, prepared) -> int:
+    """`data_config.num_negatives`, with -1 (as many as the records carry) resolved to the most
+    negatives any record of `prepared` has; logs what the records carry and what a row takes."""
+    wanted = int(data_config.num_negatives)
+    if wanted < -1:
+        raise ValueError(f"data_config.num_negatives={wanted} must be >= 0, or -1 for as many as the records carry")
+    carried = max((ds.max_negatives for ds in prepared), default=0)
+    k = carried if wanted == -1 else wanted
+    how = "data.num_negatives=-1: as many as the records carry" if wanted == -1 else f"data.num_negatives={wanted}"
+    log.info("data: records carry up to %d hard negative(s); each row takes %d (%s)", carried, k, how)
+    if carried > k:
+        log.info("data: rows with more than %d negatives keep a seeded random %d of them", k, k)
+    return k
+
+
 def make_train_iterator(data_config, *, tokenizer, prompts, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, row_multiple: int = 8) -> TrainIterator:
     """Prepares the datasets (validation happens here) and returns this host's batch iterator.
@@ -361,6 +379,9 @@ def make_train_iterator(data_config, *, tokenizer, prompts, global_batch_size: i
     if data_config.on_bad_record not in ("strict", "skip"):
         raise ValueError(f"data_config.on_bad_record={data_config.on_bad_record!r}; use 'strict' or 'skip'")
     entries, prepared = prepare_datasets(data_config)
+    for ds in prepared:
+        log.info("data: dataset %r: %d records, prepared in %s", ds.name, len(ds.source), ds.directory)
     return TrainIterator(prepared, entries, data_config, tokenizer=tokenizer, prompts=prompts,
                          global_batch_size=global_batch_size, seed=seed, process_index=process_index,
-                         process_count=process_count, row_multiple=row_multiple)
+                         process_count=process_count, row_multiple=row_multiple,
+                         num_negatives=negatives_per_row(data_config, prepared))

@@ -2,6 +2,11 @@
 
 Trains (or resumes) the experiment in DIR. With `--compile_only` it builds the
 mesh, ahead-of-time compiles the train step and reports its memory instead.
+`--print_config` prints every config field with its value (overrides applied) as
+the `--config.FIELD=VALUE` flags that set it, and exits. Fine-tune any model on
+your JSONL pairs:
+
+    python -m embedder.train --config experiments/finetune.py:MODEL --config.data.datasets=pairs.jsonl --workdir DIR
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", "", "With --compile_only: a TPU topology such as v5e:4x4 or v5p:4x4x4 (needs the tpu extra); "
     "default: the config's `topology` field (the pod configs name theirs), else the local devices.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print every config field with its value as --config.FIELD=VALUE lines, and exit.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host; launch/ scripts set this).")
 
@@ -54,12 +61,41 @@ def _config_keys(config, prefix="") -> list[str]:
     return keys
 
 
+def config_flag_lines(config, prefix="--config.") -> list[str]:
+    """`--config.a.b=VALUE` for every leaf field of `config`, in the config's order."""
+    lines = []
+    for k, v in config.items():
+        if hasattr(v, "items"):
+            lines += config_flag_lines(v, f"{prefix}{k}.")
+        else:
+            lines.append(f"{prefix}{k}={_flag_value(v)}")
+    return lines
+
+
+def _flag_value(v) -> str:
+    import json
+
+    if isinstance(v, str):
+        return json.dumps(v) if v == "" or any(c.isspace() or c in "\"'{}|" for c in v) else v
+    if isinstance(v, (list, tuple)):
+        return repr(tuple(v)) if isinstance(v, tuple) else json.dumps(v)
+    return str(v)
+
+
+_HELP_FLAGS = {"--help": True, "-help": True, "-h": True, "-?": True, "--helpshort": True,
+               "--helpfull": False, "-helpfull": False}
+
+
 def _parse_flags(argv):
-    """absl's flag parsing, with a one-line error for an unknown `--config.x` field.
+    """absl's flag parsing, with a one-line error for an unknown `--config.x` field, and help
+    (--help, --helpshort, --helpfull) that exits 0.
 
     ml_collections raises a bare AttributeError (with a traceback) for a field the locked
     config does not have; absl handles only its own flag errors.
     """
+    asked = [a for a in argv[1:] if a in _HELP_FLAGS]
+    if asked:
+        app.usage(shorthelp=_HELP_FLAGS[asked[0]], writeto_stdout=True, exitcode=0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -83,7 +119,7 @@ def _parse_flags(argv):
         close = difflib.get_close_matches(wanted, _config_keys(base_config()), n=2, cutoff=0.8)
         hint = f" Did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
         print(f"FATAL Flags parsing error: {flag}: the config has no field {field!r} (configs are locked: "
-              f"only existing fields can be overridden; DIR/config.json lists them).{hint}", file=sys.stderr)
+              f"only existing fields can be overridden; --print_config lists them).{hint}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -108,6 +144,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config experiments/demo.py:prefinetune")
+    if _PRINT_CONFIG.value:
+        print("\n".join(config_flag_lines(_CONFIG.value)))
+        return
     if _COMPILE_ONLY.value:
         from embedder.train.compile_only import compile_only
 

@@ -25,7 +25,7 @@ from embedder.data.tokenizer import load_tokenizer
 from embedder.evaluate import evaluate_tasks, flatten_results
 from embedder.evaluate.plots import plot_metrics_vs_step
 from embedder.inference import Embedder
-# ConfigError and check_config are re-exported (they lived here before config.py).
+# ConfigError: the train CLI catches it from here, with the loop's own errors.
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
 from embedder.train.init_from import load_init_params, source_tokenizer
 from embedder.train.preemption import Preemption
@@ -93,6 +93,71 @@ def _log_memory(compiled, key) -> None:
              _format_bytes(mem.temp_size_in_bytes))
 
 
+def default_data_dir(workdir: pathlib.Path) -> pathlib.Path:
+    """Where a run with an empty `data.data_dir` keeps its prepared datasets: $TFDS_DATA_DIR when
+    set, else WORKDIR/data (WORKDIR/data/host_N with several processes, which each prepare)."""
+    if os.environ.get("TFDS_DATA_DIR"):
+        return pathlib.Path(os.environ["TFDS_DATA_DIR"])
+    data = workdir / "data"
+    return data / f"host_{jax.process_index()}" if jax.process_count() > 1 else data
+
+
+def _log_model(config, spec: dict, tokenizer_file) -> None:
+    """One line on what the run trains, saying what came from `init_from`."""
+    m, tok = config.model, spec["tokenizer"]
+    source = f" (from init_from={config.init_from})" if config.init_from else ""
+    heads = f"projection {tuple(m.projection_dims)}" if m.projection_dims else "no projection (mean pooling)"
+    prompts = spec["prompts"]
+    log.info("model: %s, %d layers, width %d, vocab %d%s; heads: %s, Matryoshka dims %s; "
+             "tokenizer: %s %s%s; prompts: %s", m.family, m.num_layers, m.hidden_size, m.vocab_size,
+             " with its weights" + source if source else "", heads, tuple(m.mrl_dims) or "(full width)",
+             tok.get("kind"), tok.get("file"), source if tokenizer_file is not None else "",
+             f"query {prompts.get('query')!r}, document {prompts.get('document')!r}" if prompts else "none (raw text)")
+
+
+class MetricsWindow:
+    """The steps since the last log line: their device metrics, not yet fetched (no host sync per
+    step), each with its dataset when the whole batch came from one (homogeneous mixtures), and
+    the rows, real tokens and token slots they trained on, for the throughput columns."""
+
+    def __init__(self, dataset_names: list[str], compile_seconds: float):
+        self.names = dataset_names
+        self.pending: list[tuple[int, dict, int | None]] = []
+        self.reset(compile_seconds)
+
+    def reset(self, compile_seconds: float) -> None:
+        self.pending.clear()
+        self.started, self.compile_at_start = time.time(), compile_seconds
+        self.rows = self.tokens = self.slots = 0
+
+    def add(self, step: int, metrics: dict, host_batch: dict, rows: int) -> None:
+        self.rows += rows
+        real, slots = token_counts(host_batch)
+        self.tokens, self.slots = self.tokens + real, self.slots + slots
+        ds = host_batch["dataset"]
+        self.pending.append((step, metrics, int(ds[0]) if len(ds) and np.all(ds == ds[0]) else None))
+
+    def fetch(self) -> list[tuple[int, dict, int | None]]:
+        """`(step, host metrics, dataset)` of every pending step (one device-to-host transfer)."""
+        if not self.pending:
+            return []
+        fetched = jax.device_get([m for _, m, _ in self.pending])
+        return [(s, m, d) for (s, _, d), m in zip(self.pending, fetched)]
+
+    def summary(self, fetched: list, compile_seconds: float, process_count: int) -> dict[str, float]:
+        """The log line: the last step's scalars, the window's mean losses and its throughput."""
+        # Compilation inside the window is not training throughput.
+        elapsed = max(time.time() - self.started - (compile_seconds - self.compile_at_start), 1e-9)
+        row = {f"train/{k}": float(np.asarray(v)) for k, v in fetched[-1][1].items() if np.ndim(v) == 0}
+        row.update(_window_losses([m for _, m, _ in fetched], [d for _, _, d in fetched], self.names))
+        row["train/examples_per_sec"] = self.rows / elapsed
+        # Real (non-padding) tokens, from this host's rows times the host count; padding_fraction
+        # (of the token slots the encoder computes) shows what data.packing saves.
+        row["train/tokens_per_sec"] = self.tokens * process_count / elapsed
+        row["train/padding_fraction"] = 1.0 - self.tokens / max(self.slots, 1)
+        return row
+
+
 class Trainer:
     """Holds everything a run needs; `run()` trains to `total_steps`."""
 
@@ -106,6 +171,10 @@ class Trainer:
         if config.init_from and not config.tokenizer.file:  # the source model's own tokenizer
             self.spec["tokenizer"], tokenizer_file = source_tokenizer(
                 config.init_from, self.workdir, config.tokenizer.max_length)
+        _log_model(config, self.spec, tokenizer_file)
+        if not config.data.data_dir:
+            config.data.data_dir = str(default_data_dir(self.workdir))
+        log.info("data: prepared datasets are kept in %s (config.data.data_dir)", config.data.data_dir)
         if self.is_main:
             cfg = json.loads(config_to_json(config))
             cfg["model_spec"] = self.spec
@@ -241,71 +310,15 @@ class Trainer:
     def _train(self, start: int, writer: MetricsWriter, bar, preemption: Preemption) -> dict:
         cfg = self.config
         total = int(cfg.total_steps)
-        eval_every = int(cfg.eval.every_steps)
-        save_every = int(cfg.checkpoint.every_steps)
+        eval_every, save_every = int(cfg.eval.every_steps), int(cfg.checkpoint.every_steps)
         has_tasks = bool(cfg.eval.tasks)
-        last_eval: dict[str, float] = {}
-        evaluated_at = None
+        self._last_eval, self._evaluated_at = {}, None
         if start == 0 and cfg.eval.at_start and has_tasks:
-            last_eval, evaluated_at = self.evaluate(0, writer), 0
-        # Device metrics not yet fetched (no host sync per step), with the step's dataset when
-        # the whole batch came from one (homogeneous mixtures), else None.
-        pending: list[tuple[int, dict, int | None]] = []
-        names = list(self.data.dataset_names)
-        last_good_step = start
-        window = {"time": time.time(), "rows": 0, "tokens": 0, "slots": 0, "compile": self.compile_seconds}
-        step = start
-        self._saved_step = start
-
-        def flush() -> dict:
-            nonlocal last_good_step
-            if not pending:
-                return {}
-            fetched = jax.device_get([m for _, m, _ in pending])
-            for (s, _, _), m in zip(pending, fetched):
-                bad = {k: float(m[k]) for k in _MUST_BE_FINITE if k in m and not math.isfinite(float(m[k]))}
-                if bad:
-                    self.ckpt.wait()   # so the message names a checkpoint that is on disk
-                    latest = self.ckpt.latest_step()
-                    kept = (f"The last good checkpoint (step {latest}) is kept in {self.ckpt.directory}"
-                            if latest is not None else "No checkpoint was saved before it")
-                    what = ", ".join(f"{k} is {v}" for k, v in bad.items())
-                    raise NonFiniteLossError(
-                        f"{what} at step {s}; stopping. {kept}. Lower optimizer.learning_rate, raise "
-                        "loss.temperature, or enable optimizer.grad_clip_norm, then rerun to resume from it.")
-            last_s, last_m = pending[-1][0], fetched[-1]
-            # Compilation inside the window is not training throughput.
-            compile_in_window = self.compile_seconds - window["compile"]
-            elapsed = max(time.time() - window["time"] - compile_in_window, 1e-9)
-            row = {f"train/{k}": float(np.asarray(v)) for k, v in last_m.items() if np.ndim(v) == 0}
-            row.update(_window_losses(fetched, [d for _, _, d in pending], names))
-            row["train/examples_per_sec"] = window["rows"] / elapsed
-            # Real (non-padding) tokens, from this host's rows times the host count; padding_fraction
-            # (of the token slots the encoder computes) shows what data.packing saves.
-            row["train/tokens_per_sec"] = window["tokens"] * jax.process_count() / elapsed
-            row["train/padding_fraction"] = 1.0 - window["tokens"] / max(window["slots"], 1)
-            for reason, count in self.data.skip_counts.items():
-                row[f"data/skipped/{reason}"] = count
-            writer.write(last_s, row)
-            bar.set_postfix(loss=f"{row['train/loss_mean']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
-            pending.clear()
-            window.update(time=time.time(), rows=0, tokens=0, slots=0, compile=self.compile_seconds)
-            last_good_step = last_s
-            return row
-
+            self._last_eval, self._evaluated_at = self.evaluate(0, writer), 0
+        window = MetricsWindow(list(self.data.dataset_names), self.compile_seconds)
+        last_good_step = step = self._saved_step = start
         while step < total and not preemption.requested:
-            host_batch = next(self.data)
-            batch = sharding.host_to_global(host_batch, self.mesh)
-            compiled = self.compiled_step(batch)
-            rng = jax.random.fold_in(self.base_key, step)
-            self.state, metrics = compiled(self.state, batch, rng)
-            step += 1
-            window["rows"] += cfg.batch_size
-            real, slots = token_counts(host_batch)
-            window["tokens"] += real
-            window["slots"] += slots
-            ds = host_batch["dataset"]
-            pending.append((step, metrics, int(ds[0]) if len(ds) and np.all(ds == ds[0]) else None))
+            step = self._train_step(step, window)
             bar.update(1)
             stopping = preemption.check(step)
             save_now = step % save_every == 0 or step == total or stopping
@@ -313,31 +326,82 @@ class Trainer:
             # carries its own metrics (best-checkpoint tracking).
             eval_now = has_tasks and ((eval_every and step % eval_every == 0) or step == total)
             if step % cfg.log_every == 0 or save_now or eval_now:
-                flush()
+                last_good_step = self._flush(window, writer, bar) or last_good_step
             if eval_now:
-                last_eval, evaluated_at = self.evaluate(step, writer), step
+                self._last_eval, self._evaluated_at = self.evaluate(step, writer), step
             if save_now:
-                # Metrics only of this step's own evaluation: an older one would credit this
-                # checkpoint with another step's quality.
-                self._save(step, last_eval if evaluated_at == step else None)
-        flush()
+                self._save(step, self._own_eval(step))
+        last_good_step = self._flush(window, writer, bar) or last_good_step
         preempted = preemption.requested and step < total
-        if preempted and self._saved_step != step:
-            # SIGTERM arrived after this step's save decision (e.g. during an evaluation).
-            self._save(step, last_eval if evaluated_at == step else None)
-        if preempted and step == 0:
-            log.warning("SIGTERM received before the first step: nothing to save, exiting")
-        elif preempted:
-            log.warning("SIGTERM received: saved step %d, exiting; rerun the same command to resume", step)
+        if preempted:
+            self._stop_preempted(step)
         else:
-            if has_tasks and evaluated_at != step:   # a resumed run that had already finished
-                last_eval = self.evaluate(step, writer)
-            if cfg.checkpoint.export_params:
-                # Every process takes part (Orbax synchronises); process 0 writes the JSON.
-                save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True,
-                            tokenizer_file=self.tokenizer_source)
-            self._plots()
-        return {"step": step, "preempted": preempted, "eval": last_eval, "last_good_step": last_good_step}
+            self._finish(step, writer)
+        return {"step": step, "preempted": preempted, "eval": self._last_eval, "last_good_step": last_good_step}
+
+    def _own_eval(self, step: int) -> dict | None:
+        """The metrics of this step's own evaluation, for its checkpoint: an older one would credit
+        the checkpoint with another step's quality."""
+        return self._last_eval if self._evaluated_at == step else None
+
+    def _train_step(self, step: int, window: "MetricsWindow") -> int:
+        """Runs step `step + 1` on the next batch; its metrics stay on the device in `window`."""
+        host_batch = next(self.data)
+        batch = sharding.host_to_global(host_batch, self.mesh)
+        compiled = self.compiled_step(batch)
+        rng = jax.random.fold_in(self.base_key, step)
+        self.state, metrics = compiled(self.state, batch, rng)
+        window.add(step + 1, metrics, host_batch, int(self.config.batch_size))
+        return step + 1
+
+    def _flush(self, window: "MetricsWindow", writer: MetricsWriter, bar) -> int | None:
+        """Fetches the window's metrics, stops on a non-finite one, writes the log line; returns the
+        last step it logged (None when the window was empty)."""
+        fetched = window.fetch()
+        if not fetched:
+            return None
+        for s, m, _ in fetched:
+            self._check_finite(s, m)
+        row = window.summary(fetched, self.compile_seconds, jax.process_count())
+        for reason, count in self.data.skip_counts.items():
+            row[f"data/skipped/{reason}"] = count
+        last_step = fetched[-1][0]
+        writer.write(last_step, row)
+        bar.set_postfix(loss=f"{row['train/loss_mean']:.4f}", ex_s=f"{row['train/examples_per_sec']:.1f}")
+        window.reset(self.compile_seconds)
+        return last_step
+
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        bad = {k: float(metrics[k]) for k in _MUST_BE_FINITE if k in metrics and not math.isfinite(float(metrics[k]))}
+        if not bad:
+            return
+        self.ckpt.wait()   # so the message names a checkpoint that is on disk
+        latest = self.ckpt.latest_step()
+        kept = (f"The last good checkpoint (step {latest}) is kept in {self.ckpt.directory}"
+                if latest is not None else "No checkpoint was saved before it")
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise NonFiniteLossError(
+            f"{what} at step {step}; stopping. {kept}. Lower optimizer.learning_rate, raise "
+            "loss.temperature, or enable optimizer.grad_clip_norm, then rerun to resume from it.")
+
+    def _stop_preempted(self, step: int) -> None:
+        if self._saved_step != step:
+            # SIGTERM arrived after this step's save decision (e.g. during an evaluation).
+            self._save(step, self._own_eval(step))
+        if step == 0:
+            log.warning("SIGTERM received before the first step: nothing to save, exiting")
+        else:
+            log.warning("SIGTERM received: saved step %d, exiting; rerun the same command to resume", step)
+
+    def _finish(self, step: int, writer: MetricsWriter) -> None:
+        """The end of a completed run: the final evaluation if missing, the export, the plots."""
+        if self.config.eval.tasks and self._evaluated_at != step:   # a resumed run that had already finished
+            self._last_eval = self.evaluate(step, writer)
+        if self.config.checkpoint.export_params:
+            # Every process takes part (Orbax synchronises); process 0 writes the JSON.
+            save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True,
+                        tokenizer_file=self.tokenizer_source)
+        self._plots()
 
     def _plots(self) -> None:
         if not (self.is_main and self.config.eval.tasks):

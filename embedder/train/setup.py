@@ -18,7 +18,7 @@ from embedder.train.step import jit_train_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class TrainAssembly:
     """What `build_run` assembles; lower and compile `step` under `jax.set_mesh(mesh)`."""
     mesh: Mesh
     rules: tuple
@@ -36,7 +36,7 @@ class Run:
         return state
 
 
-def build_run(config, devices: Sequence[Any] | None = None, num_slices: int | None = None) -> Run:
+def build_run(config, devices: Sequence[Any] | None = None, num_slices: int | None = None) -> TrainAssembly:
     """Assembles the run of train `config` on `devices` (default: all), over `num_slices` slices
     (default: as many as the devices span; the `data` axis spans them)."""
     cpu_random.apply()  # dropout bits fused into their consumer on CPU (same bits)
@@ -53,4 +53,4 @@ def build_run(config, devices: Sequence[Any] | None = None, num_slices: int | No
     # The config's rules, not whatever is active at trace time, constrain activations.
     options = xla_cpu_flags.compiler_options(model.config.dtype, mesh.devices.flat[0].platform)
     step = jit_train_step(step_fn, state_shardings, mesh, rules=rules, compiler_options=options)
-    return Run(mesh, rules, model, optimizer, abstract_state, state_shardings, step, example)
+    return TrainAssembly(mesh, rules, model, optimizer, abstract_state, state_shardings, step, example)
