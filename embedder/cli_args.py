@@ -1,4 +1,5 @@
-"""The argument parser every `python -m embedder.*` command line uses: bad flags give one line."""
+"""The argparse parser of the `evaluate`, `convert`, `soup`, `sweep` and `synth` command lines: bad
+flags give one line (`train` parses absl flags and does the same in `embedder/train/__main__.py`)."""
 from __future__ import annotations
 
 import argparse

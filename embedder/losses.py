@@ -27,7 +27,7 @@ texts add a constant with zero gradient).
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 # Logit given to masked entries: finite so that gradients through `where` stay
 # finite, and so small that exp() underflows to exactly 0 in float32.
 _MASKED = -1e9
+
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """`x / ||x||` along `axis`; an all-zero vector stays zero instead of becoming NaN."""
@@ -120,6 +121,118 @@ def _masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+class _Masks(NamedTuple):
+    """Which logits each row keeps (independent of the MRL dim): in-batch columns `p_j`, hard
+    negatives (`[B, K]`, or `[B, B*K]` with global hard negatives) and the row's own negatives."""
+    inbatch: jax.Array
+    hard: jax.Array | None
+    own_hard: jax.Array | None
+
+
+def _check_options(dims, dim_weights, temperature, mask_duplicates, query_ids, positive_ids, negatives,
+                   negative_ids) -> tuple[float, ...]:
+    """The dim weights (one per dim); raises on options that cannot work, naming the fix."""
+    if dim_weights is None or len(dim_weights) == 0:
+        dim_weights = (1.0,) * len(dims)
+    if len(dim_weights) != len(dims):
+        raise ValueError(f"matryoshka_nce: {len(dim_weights)} dim_weights for {len(dims)} dims {dims}; "
+                         "give one weight per dim or none")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"matryoshka_nce: temperature must be > 0, got {temperature}")
+    if mask_duplicates:
+        needed = {"query_ids": query_ids, "positive_ids": positive_ids}
+        if negatives is not None and negatives.shape[1] > 0:
+            needed["negative_ids"] = negative_ids
+        missing = [name for name, ids in needed.items() if ids is None]
+        if missing:
+            raise ValueError(f"matryoshka_nce: mask_duplicates=True needs the text ids {', '.join(missing)} to "
+                             "tell duplicate texts apart; pass them (the data pipeline's *_hash entries) or "
+                             "set mask_duplicates=False (--config.loss.mask_duplicates=false)")
+    return tuple(dim_weights)
+
+
+def _identity_masks(b: int, k: int, query_ids, positive_ids, negative_ids, negatives_mask, *,
+                    mask_duplicates: bool, global_hard_negatives: bool) -> _Masks:
+    """The text-identity masks of the module docstring (`k` = 0: no hard negatives)."""
+    eye = jnp.eye(b, dtype=bool)
+    use_q = mask_duplicates and query_ids is not None
+    use_p = mask_duplicates and positive_ids is not None
+    same_q = ids_equal(query_ids, query_ids) | eye if use_q else eye
+    same_p = ids_equal(positive_ids, positive_ids) | eye if use_p else eye
+    duplicate = (same_q | same_p) & ~eye
+    keep_inbatch = ~duplicate & ~eye                       # columns p_j, j != i
+    if not k:
+        return _Masks(keep_inbatch, None, None)
+    valid = jnp.ones((b, k), bool) if negatives_mask is None else negatives_mask.astype(bool)
+    if mask_duplicates and negative_ids is not None and positive_ids is not None:
+        # neg_is_pos[j, k, m]: negative (j, k) has the text of positive m.
+        neg_is_pos = ids_equal(negative_ids.reshape((b * k,) + negative_ids.shape[2:]),
+                               positive_ids).reshape(b, k, b)
+        same_qf = same_q.astype(jnp.float32)
+        if global_hard_negatives:
+            # false[i, j, k]: n_jk is a positive of some row with q_i's text.
+            false_neg = jnp.einsum("im,jkm->ijk", same_qf, neg_is_pos.astype(jnp.float32)) > 0
+        else:
+            false_neg = jnp.einsum("im,ikm->ik", same_qf, neg_is_pos.astype(jnp.float32)) > 0
+    else:
+        false_neg = jnp.zeros((b, b, k) if global_hard_negatives else (b, k), bool)
+    if global_hard_negatives:
+        keep_qn = (valid[None, :, :] & ~false_neg).reshape(b, b * k)
+        own_keep = jnp.einsum("iik->ik", (valid[None, :, :] & ~false_neg).astype(jnp.int32)) > 0
+    else:
+        keep_qn = valid & ~false_neg
+        own_keep = keep_qn
+    return _Masks(keep_inbatch, keep_qn, own_keep)
+
+
+def _dim_loss(query, positive, negatives, dim: int, masks: _Masks, *, temperature, global_hard_negatives,
+              literal_mask, same_tower, symmetric, hardness_alpha, spread_out_weight, summary: bool):
+    """`(loss, metrics)` at one MRL prefix `dim` (float32 inputs); `summary`: also the largest dim's
+    `accuracy`, `pos_sim`, `neg_sim` and `hard_neg_sim`."""
+    b = query.shape[0]
+    q = l2_normalize(query[:, :dim])
+    p = l2_normalize(positive[:, :dim])
+    sim_qp = q @ p.T
+    logits_qp = sim_qp / temperature
+    pos_logit = jnp.diagonal(logits_qp)
+    cols, keeps_other = [logits_qp], [masks.inbatch]
+    if negatives is not None:
+        k = negatives.shape[1]
+        n = l2_normalize(negatives[:, :, :dim])
+        if global_hard_negatives:
+            sim_qn = jnp.einsum("id,jkd->ijk", q, n).reshape(b, b * k)
+        else:
+            sim_qn = jnp.einsum("id,ikd->ik", q, n)
+        logits_qn = sim_qn / temperature
+        if hardness_alpha:
+            logits_qn = logits_qn + hardness_alpha * jax.lax.stop_gradient(sim_qn)
+        cols.append(logits_qn)
+        keeps_other.append(masks.hard)
+    if same_tower:
+        logits_qq = (q @ q.T) / temperature
+        cols.append(logits_qq)
+        keeps_other.append(masks.inbatch)
+    logits = jnp.concatenate(cols, axis=1)
+    keep_other = jnp.concatenate(keeps_other, axis=1)
+    nce = jnp.mean(_row_nce(logits, keep_other, pos_logit, not literal_mask))
+    if symmetric:
+        nce = nce + jnp.mean(_row_nce(logits_qp.T, masks.inbatch.T, pos_logit, not literal_mask))
+    loss = nce
+    metrics = {f"loss_d{dim}": nce, f"accuracy_d{dim}": jnp.mean(_top1(logits, keep_other, pos_logit))}
+    if spread_out_weight:
+        spread = _spread_out(q) + _spread_out(p)
+        metrics[f"spread_d{dim}"] = spread
+        loss = loss + spread_out_weight * spread
+    if summary:
+        metrics["accuracy"] = metrics[f"accuracy_d{dim}"]
+        metrics["pos_sim"] = jnp.mean(jnp.diagonal(sim_qp))
+        metrics["neg_sim"] = _masked_mean(sim_qp, masks.inbatch)
+        if negatives is not None:
+            own_sim = jnp.einsum("id,ikd->ik", q, n)
+            metrics["hard_neg_sim"] = _masked_mean(own_sim, masks.own_hard)
+    return loss, metrics
+
+
 def matryoshka_nce(
     query: jax.Array,
     positive: jax.Array,
@@ -157,7 +270,8 @@ def matryoshka_nce(
       dim_weights: weight of each dim's loss (empty: 1 each); the total is the weighted sum.
       global_hard_negatives: every row's hard negatives are negatives for every row
         (t5x_retrieval's `[B, B * (1 + K)]` logits) instead of only the row's own.
-      mask_duplicates: apply the text-identity masks (needs ids; without ids nothing is masked).
+      mask_duplicates: apply the text-identity masks; needs `query_ids`, `positive_ids` and,
+        with hard negatives, `negative_ids` (a ValueError otherwise).
       literal_mask: also drop the row's own positive from the denominator (the papers' formula).
       same_tower: add the other queries as negatives of each query (Gecko).
       symmetric: add the document-to-query term over the in-batch columns (t5x_retrieval).
@@ -173,98 +287,28 @@ def matryoshka_nce(
     """
     dims = tuple(dims) or (query.shape[-1],)
     _check_inputs(query, positive, negatives, dims, query_ids, positive_ids, negative_ids, negatives_mask)
-    if dim_weights is None or len(dim_weights) == 0:
-        dim_weights = (1.0,) * len(dims)
-    if len(dim_weights) != len(dims):
-        raise ValueError(f"matryoshka_nce: {len(dim_weights)} dim_weights for {len(dims)} dims {dims}; "
-                         "give one weight per dim or none")
-    if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"matryoshka_nce: temperature must be > 0, got {temperature}")
-
+    dim_weights = _check_options(dims, dim_weights, temperature, mask_duplicates, query_ids, positive_ids,
+                                 negatives, negative_ids)
     # Logits and softmax in float32 whatever the compute dtype of the encoder.
     query = query.astype(jnp.float32)
     positive = positive.astype(jnp.float32)
-    b = query.shape[0]
-    eye = jnp.eye(b, dtype=bool)
-
-    # --- text-identity masks (independent of the MRL dim) ---
-    use_q = mask_duplicates and query_ids is not None
-    use_p = mask_duplicates and positive_ids is not None
-    same_q = ids_equal(query_ids, query_ids) | eye if use_q else eye
-    same_p = ids_equal(positive_ids, positive_ids) | eye if use_p else eye
-    duplicate = (same_q | same_p) & ~eye
-    keep_inbatch = ~duplicate & ~eye                       # columns p_j, j != i
-
-    has_neg = negatives is not None and negatives.shape[1] > 0
-    if has_neg:
+    if negatives is not None and negatives.shape[1] > 0:
         negatives = negatives.astype(jnp.float32)
-        k = negatives.shape[1]
-        valid = jnp.ones((b, k), bool) if negatives_mask is None else negatives_mask.astype(bool)
-        if mask_duplicates and negative_ids is not None and positive_ids is not None:
-            # neg_is_pos[j, k, m]: negative (j, k) has the text of positive m.
-            neg_is_pos = ids_equal(negative_ids.reshape((b * k,) + negative_ids.shape[2:]),
-                                   positive_ids).reshape(b, k, b)
-            same_qf = same_q.astype(jnp.float32)
-            if global_hard_negatives:
-                # false[i, j, k]: n_jk is a positive of some row with q_i's text.
-                false_neg = jnp.einsum("im,jkm->ijk", same_qf, neg_is_pos.astype(jnp.float32)) > 0
-            else:
-                false_neg = jnp.einsum("im,ikm->ik", same_qf, neg_is_pos.astype(jnp.float32)) > 0
-        else:
-            false_neg = jnp.zeros((b, b, k) if global_hard_negatives else (b, k), bool)
-        if global_hard_negatives:
-            keep_qn = (valid[None, :, :] & ~false_neg).reshape(b, b * k)
-            own_keep = jnp.einsum("iik->ik", (valid[None, :, :] & ~false_neg).astype(jnp.int32)) > 0
-        else:
-            keep_qn = valid & ~false_neg
-            own_keep = keep_qn
-
+    else:
+        negatives = None
+    masks = _identity_masks(query.shape[0], 0 if negatives is None else negatives.shape[1], query_ids,
+                            positive_ids, negative_ids, negatives_mask, mask_duplicates=mask_duplicates,
+                            global_hard_negatives=global_hard_negatives)
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
     top_dim = int(max(dims))
     for dim, weight in zip(dims, dim_weights):
-        dim = int(dim)
-        q = l2_normalize(query[:, :dim])
-        p = l2_normalize(positive[:, :dim])
-        sim_qp = q @ p.T
-        logits_qp = sim_qp / temperature
-        pos_logit = jnp.diagonal(logits_qp)
-        cols, keeps_other = [logits_qp], [keep_inbatch]
-        if has_neg:
-            n = l2_normalize(negatives[:, :, :dim])
-            if global_hard_negatives:
-                sim_qn = jnp.einsum("id,jkd->ijk", q, n).reshape(b, b * k)
-            else:
-                sim_qn = jnp.einsum("id,ikd->ik", q, n)
-            logits_qn = sim_qn / temperature
-            if hardness_alpha:
-                logits_qn = logits_qn + hardness_alpha * jax.lax.stop_gradient(sim_qn)
-            cols.append(logits_qn)
-            keeps_other.append(keep_qn)
-        if same_tower:
-            logits_qq = (q @ q.T) / temperature
-            cols.append(logits_qq)
-            keeps_other.append(keep_inbatch)
-        logits = jnp.concatenate(cols, axis=1)
-        keep_other = jnp.concatenate(keeps_other, axis=1)
-        nce = jnp.mean(_row_nce(logits, keep_other, pos_logit, not literal_mask))
-        if symmetric:
-            nce = nce + jnp.mean(_row_nce(logits_qp.T, keep_inbatch.T, pos_logit, not literal_mask))
-        dim_loss = nce
-        metrics[f"loss_d{dim}"] = nce
-        metrics[f"accuracy_d{dim}"] = jnp.mean(_top1(logits, keep_other, pos_logit))
-        if spread_out_weight:
-            spread = _spread_out(q) + _spread_out(p)
-            metrics[f"spread_d{dim}"] = spread
-            dim_loss = dim_loss + spread_out_weight * spread
+        dim_loss, dim_metrics = _dim_loss(
+            query, positive, negatives, int(dim), masks, temperature=temperature,
+            global_hard_negatives=global_hard_negatives, literal_mask=literal_mask, same_tower=same_tower,
+            symmetric=symmetric, hardness_alpha=hardness_alpha, spread_out_weight=spread_out_weight,
+            summary=int(dim) == top_dim)
+        metrics.update(dim_metrics)
         total = total + weight * dim_loss
-        if dim == top_dim:
-            metrics["accuracy"] = metrics[f"accuracy_d{dim}"]
-            metrics["pos_sim"] = jnp.mean(jnp.diagonal(sim_qp))
-            metrics["neg_sim"] = _masked_mean(sim_qp, keep_inbatch)
-            if has_neg:
-                own_sim = jnp.einsum("id,ikd->ik", q, n)
-                metrics["hard_neg_sim"] = _masked_mean(own_sim, own_keep)
     metrics["loss"] = total
     return total, metrics
-

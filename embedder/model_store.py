@@ -4,23 +4,18 @@ layout a config asks for. `init_from`, `Embedder.load`, soups and `convert` all 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import pathlib
 
 import jax
 import numpy as np
 
-from embedder.checkpoint.exports import _absolute_tokenizer, save_params
-from embedder.checkpoint.manager import _best_step, _step_dirs, _step_metrics, _step_problem
-from embedder.checkpoint.trees import (CHECKPOINTS_DIR, CONFIG_FILE, MODEL_SPEC_FILE, PARAMS_DIR, _read_json,
-                                        _restore_tree, _tree_metadata, flat_paths)
+from embedder.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, MODEL_SPEC_FILE, PARAMS_DIR, best_step, export_spec,
+                                 flat_paths, params_metadata, read_params, recorded_metrics, save_params,
+                                 step_problem, train_spec, usable_steps)
 from embedder.convert.from_gguf import is_gguf_file, read_gguf
 from embedder.convert.from_hf import is_hf_folder, read_hf_folder
 from embedder.model.config import ModelConfig
 from embedder.model.layer_stack import match_layer_layout
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,27 +74,20 @@ def locate_model(path, *, best_metric: str | None = None, best_mode: str = "max"
     if (path / MODEL_SPEC_FILE).is_file() and (path / PARAMS_DIR).is_dir():
         return ModelLocation("export", path)
     if _is_step_dir(path):
-        problem = _step_problem(path)
+        problem = step_problem(path)
         if problem:
             raise ValueError(f"checkpoint step {path} is unusable: {problem}")
         return ModelLocation("step", path, workdir=path.parent.parent, step=int(path.name))
     if (path / CHECKPOINTS_DIR).is_dir():
-        steps = _step_dirs(path / CHECKPOINTS_DIR)
-        good = {}
-        for s, d in sorted(steps.items()):
-            problem = _step_problem(d)
-            if problem:
-                log.warning("skipping checkpoint step %d of %s: %s", s, path, problem)
-            else:
-                good[s] = d
+        good = usable_steps(path / CHECKPOINTS_DIR)
         if not good:
             raise FileNotFoundError(f"workdir {path} holds no complete checkpoint in {path / CHECKPOINTS_DIR}")
         step = max(good)
         if best_metric:
-            step = _best_step(good, best_metric, best_mode)
+            step = best_step(good, best_metric, best_mode)
             if step is None:
                 raise ValueError(f"no checkpoint of {path} recorded metric {best_metric!r}; "
-                                 f"known metrics: {sorted({k for d in good.values() for k in (_step_metrics(d) or {})})}")
+                                 f"known metrics: {recorded_metrics(good)}")
         return ModelLocation("step", good[step], workdir=path, step=step)
     hint = ""
     if (path / MODEL_SPEC_FILE).exists() or (path / CONFIG_FILE).exists():
@@ -122,17 +110,8 @@ def load_spec(loc: ModelLocation) -> dict:
     if loc.converted:
         return _read_converted(loc, shapes_only=True).spec
     if loc.kind == "export":
-        return _absolute_tokenizer(_read_json(loc.directory / MODEL_SPEC_FILE), loc.directory)
-    candidates = [loc.directory / "config" / "metadata", loc.workdir / CONFIG_FILE]
-    for candidate in candidates:
-        try:
-            config = _read_json(candidate)
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(config, dict) and isinstance(config.get("model_spec"), dict):
-            return _absolute_tokenizer(config["model_spec"], loc.workdir)
-    raise ValueError(f"no model spec for {loc.directory}: neither {candidates[0]} nor {candidates[1]} "
-                     "has a 'model_spec' entry (the train loop writes it into config.json)")
+        return export_spec(loc.directory)
+    return train_spec(loc.directory, loc.workdir)
 
 
 def load_located(loc: ModelLocation, shardings=None):
@@ -143,8 +122,7 @@ def load_located(loc: ModelLocation, shardings=None):
         return (model.params if shardings is None else jax.device_put(model.params, shardings)), model.spec
     spec = load_spec(loc)
     array_dir, subtree = loc.array_dir()
-    params = _restore_tree(array_dir, _tree_metadata(array_dir), shardings, subtree=subtree)
-    return params, spec
+    return read_params(array_dir, subtree, shardings), spec
 
 
 def load_model(path, *, config: ModelConfig | None = None, best_metric: str | None = None,
@@ -175,9 +153,7 @@ def param_tree_metadata(path_or_location):
     loc = path_or_location if isinstance(path_or_location, ModelLocation) else locate_model(path_or_location)
     if loc.converted:
         return _read_converted(loc, shapes_only=True).params
-    array_dir, subtree = loc.array_dir()
-    tree = _tree_metadata(array_dir)
-    return tree[subtree] if subtree else tree
+    return params_metadata(*loc.array_dir())
 
 
 def param_metadata(path_or_location) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -257,18 +257,18 @@ def test_save_load_params_and_tokenizer(tmp_path):
     out = ckpt.save_params(tmp_path / "export", params, SPEC, tokenizer_file=tok)
     saved_spec = json.loads((out / "model.json").read_text())
     assert saved_spec["tokenizer"]["file"] == "my_tok.json" and (out / "my_tok.json").is_file()
-    loaded, spec = ckpt.load_params(out)
+    loaded, spec = model_store.load_model(out)
     assert_trees_equal(loaded, params)
     assert isinstance(loaded["embed"], np.ndarray) and loaded["embed"].dtype == jnp.bfloat16
     assert spec["tokenizer"]["file"] == str((out / "my_tok.json").resolve())
     mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
-    on_mesh, _ = ckpt.load_params(out, shardings=NamedSharding(mesh, P()))
+    on_mesh, _ = model_store.load_model(out, shardings=NamedSharding(mesh, P()))
     assert on_mesh["embed"].sharding == NamedSharding(mesh, P())
     assert_trees_equal(on_mesh, params)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ckpt.save_params(out, params, SPEC)
     with pytest.raises(ValueError, match="tree structures differ"):
-        ckpt.load_params(out, shardings={"embed": NamedSharding(mesh, P())})
+        model_store.load_model(out, shardings={"embed": NamedSharding(mesh, P())})
 
 
 def test_resolve_and_export_each_kind(tmp_path):
@@ -304,8 +304,6 @@ def test_resolve_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a saved model"):
         model_store.load_model(tmp_path / "empty")
-    with pytest.raises(ValueError, match="not a parameter export"):
-        ckpt.load_params(tmp_path / "empty")
     write_workdir(tmp_path / "w", steps=(1,), async_save=False)
     with pytest.raises(ValueError, match="recorded metric 'score'"):
         model_store.load_model(tmp_path / "w", best_metric="score")

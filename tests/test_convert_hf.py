@@ -168,10 +168,10 @@ def test_bert_matches_transformers_via_cli_export(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "embedder.convert", "from-hf", str(src), str(dst)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    from embedder.checkpoint import load_params
     from embedder.model import ModelConfig
+    from embedder.model_store import load_model
 
-    params, spec = load_params(dst)
+    params, spec = load_model(dst)
     assert spec["tokenizer"]["kind"] == "wordpiece" and spec["prompts"] is None
     assert (dst / "tokenizer.json").is_file()
     model = EmbeddingModel(ModelConfig.from_dict(spec["model"]))

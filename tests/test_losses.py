@@ -359,3 +359,15 @@ def test_empty_dims_is_the_full_width():
     got, metrics = _call(b["q"], b["p"], b["n"], **_args(b))
     want, _ = reference_loss(b["q"], b["p"], b["n"], **_args(b), dims=(b["q"].shape[1],), temperature=0.05)
     assert _rel(got, want) <= RTOL and f"loss_d{b['q'].shape[1]}" in metrics
+
+
+def test_duplicate_masking_without_text_ids_is_refused():
+    """mask_duplicates needs the ids: the loss refuses rather than silently masking nothing."""
+    b = random_batch(12)
+    with pytest.raises(ValueError, match="query_ids, positive_ids"):
+        matryoshka_nce(jnp.asarray(b["q"]), jnp.asarray(b["p"]), mask_duplicates=True)
+    with pytest.raises(ValueError, match="negative_ids"):
+        matryoshka_nce(jnp.asarray(b["q"]), jnp.asarray(b["p"]), jnp.asarray(b["n"]), query_ids=jnp.asarray(b["qid"]),
+                       positive_ids=jnp.asarray(b["pid"]), mask_duplicates=True)
+    loss, _ = matryoshka_nce(jnp.asarray(b["q"]), jnp.asarray(b["p"]), jnp.asarray(b["n"]), mask_duplicates=False)
+    assert np.isfinite(float(loss))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import write_debian_pairs
-from embedder.data.batch_schema import global_batch_shapes, sequence_shapes, token_counts
+from embedder.data.abstract_batch import global_batch_shapes
+from embedder.data.batch_schema import sequence_shapes, token_counts
 from embedder.data.packing import pack_batch
 from embedder.train import compile_only as co
 from embedder.train import loop

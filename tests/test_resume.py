@@ -110,9 +110,9 @@ def _run_until(root, workdir, predicate, sig, *overrides, env=None):
 
 
 def _export(workdir):
-    from embedder.checkpoint import load_params
+    from embedder.model_store import load_model
 
-    params, _ = load_params(pathlib.Path(workdir) / "export")
+    params, _ = load_model(pathlib.Path(workdir) / "export")
     return params
 
 

@@ -274,7 +274,7 @@ def test_scanned_and_unrolled_ingredients_soup_in_the_first_layout(tmp_path):
     _bert_folder(hf_b, seed=1)
     scanned = convert_from_hf(hf_b, tmp_path / "scanned_b", scan_layers=True)
     a_unrolled = {k: np.asarray(v) for k, v in checkpoint.flat_paths(read_hf_folder(hf_a).params).items()}
-    b_stored, b_spec = checkpoint.load_params(scanned)
+    b_stored, b_spec = model_store.load_model(scanned)
     assert b_spec["model"]["scan_layers"] is True and "layers" in b_stored["encoder"]
     layers = b_spec["model"]["num_layers"]
     b_scanned = {k: np.asarray(v) for k, v in checkpoint.flat_paths(b_stored).items()}
@@ -333,7 +333,7 @@ def test_layouts_do_not_hide_an_architecture_mismatch(tmp_path):
     _bert_folder(hf, seed=0)
     scanned = convert_from_hf(hf, tmp_path / "scanned", scan_layers=True)
     # One layer fewer, scanned: another architecture, not another layout.
-    params, spec = checkpoint.load_params(scanned)
+    params, spec = model_store.load_model(scanned)
     params["encoder"]["layers"] = jax.tree.map(lambda x: np.asarray(x)[:1], params["encoder"]["layers"])
     spec = {**spec, "model": {**spec["model"], "num_layers": 1}}
     short = checkpoint.save_params(tmp_path / "short", params, spec)

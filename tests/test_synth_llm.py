@@ -17,7 +17,7 @@ import pytest
 
 from embedder.synth import cli
 from embedder.synth.cache import MemoryCache
-from embedder.synth.llm_client import make_client
+from embedder.synth.clients import make_client
 from embedder.synth.negatives import MiningConfig, mine_negatives
 from embedder.synth.retry import RetryPolicy
 from embedder.synth.runner import LLMRunner

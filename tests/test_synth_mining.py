@@ -9,7 +9,7 @@ import pytest
 
 from embedder.synth.answer_parsing import extract_json, parse_label, parse_rating, parse_string_list, parse_text
 from embedder.synth.cache import ResponseCache, cache_key
-from embedder.synth.llm_client import parse_llm_spec
+from embedder.synth.clients import parse_llm_spec
 from embedder.synth.llm_ranking import ranks_descending, reciprocal_rank_fusion
 from embedder.synth.nearest import exact_top_k, faiss_available, faiss_top_k
 from embedder.synth.negatives import MiningConfig, mine_negatives, normalise_text

@@ -1,4 +1,5 @@
-"""Parameter exports: `params/` (Orbax) + `model.json` (the model spec) + the tokenizer file."""
+"""Parameter exports: `params/` (Orbax) + `model.json` (the model spec) + the tokenizer file. They are
+read back through `embedder.model_store.load_model`, like every saved model."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from embedder.checkpoint.trees import (MODEL_SPEC_FILE, PARAMS_DIR, _read_json,
-                                        _restore_tree, _tree_metadata, _unbox, _write_json)
+from embedder.checkpoint.trees import MODEL_SPEC_FILE, PARAMS_DIR, _unbox, _write_json
 
 
 def save_params(directory, params, spec: dict, tokenizer_file=None, *, overwrite: bool = False,
@@ -55,28 +55,12 @@ def save_params(directory, params, spec: dict, tokenizer_file=None, *, overwrite
     return directory
 
 
-def _absolute_tokenizer(spec: dict, base: pathlib.Path) -> dict:
-    # Callers pass the spec on (load_tokenizer, save_params) without knowing where it came from.
+def absolute_tokenizer(spec: dict, base: pathlib.Path) -> dict:
+    """`spec` with its tokenizer file made absolute when it lies in `base`: callers pass the spec on
+    (load_tokenizer, save_params) without knowing where it came from."""
     tok = spec.get("tokenizer") or {}
     name = tok.get("file")
     if name and not pathlib.Path(name).is_absolute() and (base / name).exists():
         spec = copy.deepcopy(spec)
         spec["tokenizer"]["file"] = str((base / name).resolve())
     return spec
-
-
-def load_params(directory, shardings=None):
-    """Loads a parameter export -> `(params, spec)`; numpy leaves, or jax arrays on `shardings`.
-
-    The spec's tokenizer file is made absolute when it lies in the export.
-    """
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"parameter export {directory} does not exist")
-    missing = [n for n in (PARAMS_DIR, MODEL_SPEC_FILE) if not (directory / n).exists()]
-    if missing:
-        raise ValueError(f"{directory} is not a parameter export: missing {', '.join(missing)} "
-                         "(an export is written by embedder.checkpoint.save_params / export_params)")
-    spec = _read_json(directory / MODEL_SPEC_FILE)
-    params = _restore_tree(directory / PARAMS_DIR, _tree_metadata(directory / PARAMS_DIR), shardings)
-    return params, _absolute_tokenizer(spec, directory.absolute())

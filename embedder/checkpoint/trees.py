@@ -72,7 +72,7 @@ def _tree_metadata(array_dir: pathlib.Path) -> dict:
     return meta.tree if hasattr(meta, "tree") else meta
 
 
-def _restore_tree(array_dir: pathlib.Path, metadata_tree, shardings=None, subtree=None):
+def restore_tree(array_dir: pathlib.Path, metadata_tree, shardings=None, subtree=None):
     """Restores `metadata_tree` (or its `subtree` key) from an Orbax PyTree directory.
 
     Without shardings the leaves come back as host numpy arrays, so a checkpoint

@@ -65,7 +65,35 @@ def _truncate(joint_ids: list[int], prefix_len: int, budget: int, prefix: str) -
     return joint_ids[:budget]
 
 
-class SentencePieceTokenizer:
+class _SpecialTokensAround:
+    """`encode` shared by the tokenizers: `bos? prompt+text eos?`, the text cut to fit `max_length`,
+    the prompt never. A subclass sets `add_bos`, `add_eos`, `bos_id`, `eos_id`, `max_length` and
+    implements `_ids(strings)`: each string's token ids without special tokens."""
+
+    add_bos: bool
+    add_eos: bool
+    max_length: int
+
+    def _ids(self, strings: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    @property
+    def num_special(self) -> int:
+        return int(self.add_bos) + int(self.add_eos)
+
+    def encode(self, texts, max_length=None, prefixes=None) -> list[list[int]]:
+        texts, prefixes, max_length = _check_inputs(texts, prefixes, max_length, self.max_length,
+                                                    self.num_special)
+        budget = max_length - self.num_special
+        joint = self._ids([p + t for p, t in zip(prefixes, texts)])
+        unique_prefixes = sorted(set(prefixes))
+        prefix_lens = {p: len(ids) for p, ids in zip(unique_prefixes, self._ids(unique_prefixes))}
+        head = [self.bos_id] if self.add_bos else []
+        tail = [self.eos_id] if self.add_eos else []
+        return [head + _truncate(ids, prefix_lens[p], budget, p) + tail for ids, p in zip(joint, prefixes)]
+
+
+class SentencePieceTokenizer(_SpecialTokensAround):
     """SentencePiece model (Gemma-style): `<bos> prompt+text <eos>`, pad id from the model."""
 
     family = "sentencepiece"
@@ -93,26 +121,8 @@ class SentencePieceTokenizer:
         if self.add_eos and self.eos_id < 0:
             raise ValueError(f"{model_file} has no EOS piece; pass add_eos=False")
 
-    @property
-    def num_special(self) -> int:
-        return int(self.add_bos) + int(self.add_eos)
-
-    def encode(self, texts, max_length=None, prefixes=None) -> list[list[int]]:
-        texts, prefixes, max_length = _check_inputs(texts, prefixes, max_length, self.max_length,
-                                                    self.num_special)
-        budget = max_length - self.num_special
-        joint = self._sp.encode([p + t for p, t in zip(prefixes, texts)])
-        unique_prefixes = sorted(set(prefixes))
-        prefix_lens = dict(zip(unique_prefixes, (len(x) for x in self._sp.encode(unique_prefixes))))
-        out = []
-        for ids, prefix in zip(joint, prefixes):
-            ids = _truncate(ids, prefix_lens[prefix], budget, prefix)
-            if self.add_bos:
-                ids = [self.bos_id] + ids
-            if self.add_eos:
-                ids = ids + [self.eos_id]
-            out.append(ids)
-        return out
+    def _ids(self, strings: list[str]) -> list[list[int]]:
+        return self._sp.encode(strings)
 
     def decode(self, ids: Sequence[int]) -> str:
         special = {self.bos_id, self.eos_id, self.pad_id}
@@ -123,7 +133,7 @@ class SentencePieceTokenizer:
                 "add_bos": self.add_bos, "add_eos": self.add_eos}
 
 
-class TokenizerJson:
+class TokenizerJson(_SpecialTokensAround):
     """Any HF `tokenizers` file (e.g. a Gemma BPE `tokenizer.json`): `bos prompt+text eos`, with
     the BOS / EOS / PAD tokens named in the spec. Special tokens written in the text are matched,
     as transformers' tokenizer of that file matches them."""
@@ -155,21 +165,8 @@ class TokenizerJson:
                              "set bos_token / eos_token / pad_token in the spec to tokens of this vocabulary")
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
 
-    @property
-    def num_special(self) -> int:
-        return int(self.add_bos) + int(self.add_eos)
-
-    def encode(self, texts, max_length=None, prefixes=None) -> list[list[int]]:
-        texts, prefixes, max_length = _check_inputs(texts, prefixes, max_length, self.max_length,
-                                                    self.num_special)
-        budget = max_length - self.num_special
-        joint = self._tok.encode_batch([p + t for p, t in zip(prefixes, texts)], add_special_tokens=False)
-        unique_prefixes = sorted(set(prefixes))
-        enc = self._tok.encode_batch(unique_prefixes, add_special_tokens=False)
-        prefix_lens = {p: len(e.ids) for p, e in zip(unique_prefixes, enc)}
-        head = [self.bos_id] if self.add_bos else []
-        tail = [self.eos_id] if self.add_eos else []
-        return [head + _truncate(e.ids, prefix_lens[p], budget, p) + tail for e, p in zip(joint, prefixes)]
+    def _ids(self, strings: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(strings, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

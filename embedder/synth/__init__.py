@@ -3,7 +3,8 @@
 Command line: `python -m embedder.synth queries|filter|classify|negatives --help`.
 """
 from embedder.synth.cache import MemoryCache, ResponseCache, cache_key
-from embedder.synth.llm_client import LLMClient, make_client, parse_llm_spec
+from embedder.synth.clients import make_client, parse_llm_spec
+from embedder.synth.llm_client import LLMClient
 from embedder.synth.retry import FatalLLMError, RetryableError, RetryPolicy
 from embedder.synth.runner import LLMRequest, LLMResult, LLMRunner
 

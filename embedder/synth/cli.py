@@ -17,7 +17,7 @@ from embedder.cli_args import OneLineErrorParser
 from embedder.synth.cache import MemoryCache, ResponseCache
 from embedder.synth.classify import ClassifySpec, generate_classification
 from embedder.synth.filtering import DEFAULT_PARAMS as FILTER_PARAMS, filter_pairs
-from embedder.synth.llm_client import make_client
+from embedder.synth.clients import make_client
 from embedder.synth.queries import DEFAULT_PARAMS as QUERY_PARAMS, generate_queries
 from embedder.synth.records import JsonlWriter, read_pairs, read_passages
 from embedder.synth.retry import FatalLLMError, RetryPolicy

@@ -1,15 +1,10 @@
-"""The LLM client interface and the `BACKEND:MODEL` factory the synth pipelines use."""
+"""The LLM client interface every backend implements (`embedder.synth.clients` picks one)."""
 from __future__ import annotations
 
 import abc
-import os
 from typing import Mapping, Sequence
 
 Message = Mapping[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
-
-BACKENDS = ("openai", "gemini")
-OPENAI_KEY_ENVS = ("OPENAI_API_KEY",)
-GEMINI_KEY_ENVS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
 
 class LLMClient(abc.ABC):
@@ -41,49 +36,3 @@ class LLMClient(abc.ABC):
     def __repr__(self) -> str:
         # Never include the key: reprs end up in logs and tracebacks.
         return f"{type(self).__name__}({self.name!r})"
-
-
-def parse_llm_spec(spec: str) -> tuple[str, str]:
-    """'openai:qwen2.5-7b' -> ('openai', 'qwen2.5-7b')."""
-    backend, sep, model = spec.partition(":")
-    if not sep or not model or backend not in BACKENDS:
-        raise ValueError(
-            f"--llm {spec!r}: expected BACKEND:MODEL with BACKEND one of {', '.join(BACKENDS)}, "
-            "e.g. openai:qwen2.5-7b or gemini:gemini-2.5-flash"
-        )
-    return backend, model
-
-
-def api_key_from_env(names: Sequence[str], required: bool) -> str | None:
-    """First non-empty key among env `names`; raise naming the variables when required."""
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    if required:
-        raise ValueError(f"no API key: set one of {', '.join(names)} in the environment")
-    return None
-
-
-def make_client(
-    spec: str,
-    *,
-    base_url: str | None = None,
-    timeout: float = 120.0,
-    api_key_env: str | None = None,
-) -> LLMClient:
-    """Build a client from `BACKEND:MODEL`; keys come only from the environment."""
-    backend, model = parse_llm_spec(spec)
-    # Backends load on demand: they subclass LLMClient (this module) and need the `synth` extra.
-    if backend == "openai":
-        from embedder.synth.openai_backend import OpenAICompatibleClient
-
-        envs = (api_key_env,) if api_key_env else OPENAI_KEY_ENVS
-        key = api_key_from_env(envs, required=False)  # local servers need none
-        return OpenAICompatibleClient(model, base_url=base_url or "http://127.0.0.1:8000/v1", api_key=key,
-                                      timeout=timeout)
-    from embedder.synth.gemini_backend import GeminiClient
-
-    envs = (api_key_env,) if api_key_env else GEMINI_KEY_ENVS
-    key = api_key_from_env(envs, required=True)
-    return GeminiClient(model, api_key=key, base_url=base_url, timeout=timeout)

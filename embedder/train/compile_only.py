@@ -16,7 +16,8 @@ import jax
 from jax.experimental import topologies
 
 from embedder import sharding
-from embedder.data.batch_schema import global_batch_shapes, sequence_shapes
+from embedder.data.abstract_batch import global_batch_shapes
+from embedder.data.batch_schema import sequence_shapes
 from embedder.train.setup import build_run
 
 log = logging.getLogger("embedder.train.compile_only")

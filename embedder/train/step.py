@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder import sharding
-from embedder.data.batch_schema import TEXT_HASHES, encoder_inputs, is_packed
+from embedder.data.batch_schema import encoder_inputs, is_packed
 from embedder.losses import matryoshka_nce
 from embedder.train.config import loss_options
 from embedder.train.grad_cache import cached_value_and_grad
@@ -66,25 +66,12 @@ def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
     return out
 
 
-def _check_text_ids(batch: Mapping[str, jax.Array], with_negatives: bool) -> None:
-    """Raises naming the text-identity hashes `loss.mask_duplicates` needs and `batch` lacks."""
-    needed = TEXT_HASHES if with_negatives else TEXT_HASHES[:2]
-    missing = [key for key in needed if key not in batch]
-    if missing:
-        raise ValueError(
-            f"train batch has no {', '.join(map(repr, missing))}: loss.mask_duplicates needs the "
-            "text-identity hashes to mask duplicate texts (the data pipeline adds them, see "
-            "ARCHITECTURE.md \"Batches\"); add them to hand-made batches or set "
-            "--config.loss.mask_duplicates=false")
-
-
 def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
                options: Mapping[str, Any]) -> tuple[jax.Array, dict]:
     """Matryoshka NCE of a batch's embeddings, with its text-identity hashes and negative validity;
     `options`: every loss option (`config.loss_options`)."""
     negatives = embeddings.get("negative")
-    if options["mask_duplicates"]:
-        _check_text_ids(batch, negatives is not None)
+    # With loss.mask_duplicates, matryoshka_nce refuses a batch without the text-identity hashes.
     return matryoshka_nce(
         embeddings["query"], embeddings["positive"], negatives, query_ids=batch.get("query_hash"),
         positive_ids=batch.get("positive_hash"),
