@@ -54,7 +54,8 @@ def _contestants(rows: int, k: int, n: int):
     bf16_opts = xla_cpu_flags.compiler_options(jnp.bfloat16, jax.default_backend())
     jx, jw = jax.device_put(x), jax.device_put(w)
     jxb, jwb = jx.astype(jnp.bfloat16), jw.astype(jnp.bfloat16)
-    f32 = jax.jit(lambda a, b: jnp.dot(a, b)).lower(jx, jw).compile()
+    f32_opts = xla_cpu_flags.compiler_options(jnp.float32, jax.default_backend())
+    f32 = jax.jit(lambda a, b: jnp.dot(a, b), compiler_options=f32_opts).lower(jx, jw).compile()
     f32_ynn = jax.jit(lambda a, b: jnp.dot(a, b), compiler_options=xla_cpu_flags.YNN_DOTS).lower(jx, jw).compile()
     bf16 = jax.jit(lambda a, b: accumulating_einsum("md,dn->mn", a, b),
                    compiler_options=bf16_opts).lower(jxb, jwb).compile()
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.rows < 1 or args.reps < 1:
         p.error("--rows and --reps must be >= 1")
-    measure.reexec_with_malloc_tunables()
+    measure.tune()
     result = run(args.model, args.rows, args.reps)
     print(json.dumps(result, indent=1))
     if args.out:

@@ -162,5 +162,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    measure.reexec_with_malloc_tunables()
+    measure.tune()
     sys.exit(main())

@@ -110,4 +110,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    measure.tune(restart=False)
     sys.exit(main())

@@ -43,6 +43,9 @@ def _batch(b: int, k: int, lq: int, ld: int, vocab: int, seed: int = 0):
 def run_one(args) -> dict:
     """One configuration in this process: compile, run, measure."""
     # Only the measuring subprocess imports JAX and the library; the driver process stays light.
+    from embedder.cpu_tuning import tune_command
+
+    tune_command()
     import jax
 
     from embedder import sharding

@@ -28,25 +28,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def reexec_with_malloc_tunables() -> None:
-    """A benchmark's main runs under the malloc policy the train CLI gets (embedder/host_memory.py)."""
-    from embedder import host_memory
+def tune(restart: bool = True) -> None:
+    """A benchmark's main runs with the CPU tuning the train CLI gets (embedder/cpu_tuning.py),
+    by default after the restart with the malloc tunables."""
+    from embedder.cpu_tuning import tune_command
 
-    host_memory.reexec_with_tunables()
+    tune_command(restart=restart)
 
 
 def peer_env() -> dict:
     """The environment for a process that runs only the peer (sentence-transformers): glibc's
-    and XLA's defaults, as its users get them, not our malloc policy."""
-    from embedder import host_memory, xla_cpu_flags
+    and XLA's defaults, as its users get them (the tuning sets no environment variable; the opt-out
+    also keeps an `embedder` import there untuned)."""
+    from embedder import xla_cpu_flags
 
-    env = dict(os.environ, **{xla_cpu_flags.OPT_OUT_ENV: "0"})
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in host_memory.TUNABLES.split(":")]
-    if tunables:
-        env["GLIBC_TUNABLES"] = ":".join(tunables)
-    else:
-        env.pop("GLIBC_TUNABLES", None)
-    return env
+    return dict(os.environ, **{xla_cpu_flags.OPT_OUT_ENV: "0"})
 
 
 def load_average() -> tuple[float, float, float]:
@@ -131,7 +127,11 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    from embedder import xla_cpu_flags
+
+    # The f32 options for both dtypes: XLA's own dot emitter, what matmul_peak has always timed.
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32),
+                compiler_options=xla_cpu_flags.compiler_options(jnp.float32, jax.default_backend()))
     f(a, b).block_until_ready()
     times = []
     for _ in range(reps):

@@ -12,7 +12,7 @@ executed op (thunk) grouped two ways: by kind (matmul fusions, elementwise fusio
 copies, ...) and by the model operation XLA names in its metadata (e.g.
 `encoder/layer_N/mlp/up`). Thread times add up over the CPU threads that ran ops,
 so shares are the meaningful number; on a loaded machine every op stretches alike.
-Caveat: with `import embedder`'s default (YNNPACK fusions off) XLA's own dot thunks do not
+Caveat: with the CPU tuning's default (YNNPACK fusions off) XLA's own dot thunks do not
 all show up as trace events, so the tables under-count the projection matmuls (the printed
 wall time says how much is missing); `EMBEDDER_XLA_CPU_DEFAULTS=0` profiles the YNNPACK build,
 where every fusion is an event.
@@ -162,5 +162,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    measure.reexec_with_malloc_tunables()
+    measure.tune()
     sys.exit(main())

@@ -2,24 +2,20 @@
 
 `from embedder import Embedder` loads any saved model (workdir, checkpoint
 step, parameter export, soup, Hugging Face / sentence-transformers folder).
+`embedder.tune_cpu()`, called before the first JAX computation, gives a CPU
+process the tuning the project's commands use; importing the package changes
+nothing process-wide.
 """
 
-from embedder import host_memory as _host_memory
-from embedder import xla_cpu_flags as _xla_cpu_flags
-
-# Before any JAX backend starts: faster CPU encoders (see embedder/xla_cpu_flags.py) and
-# XLA:CPU buffers reused between steps (embedder/host_memory.py); EMBEDDER_XLA_CPU_DEFAULTS=0
-# opts out of both.
-_xla_cpu_flags.apply()
-_host_memory.apply()
+from embedder.cpu_tuning import tune_cpu
 
 __version__ = "0.1.0"
 
-__all__ = ["Embedder", "__version__"]
+__all__ = ["Embedder", "tune_cpu", "__version__"]
 
 
 def __getattr__(name):
-    # Lazy so that `import embedder` does not import JAX (CLIs set flags first).
+    # Lazy so that `import embedder` does not import JAX.
     if name == "Embedder":
         from embedder.inference import Embedder
 

@@ -2,8 +2,8 @@
 
 JAX lowers Threefry-2x32 to a rolled 5-iteration `while` loop on CPU, which XLA cannot fuse into
 the bits' consumer; `apply()` registers JAX's own unrolled lowering for CPU (a private JAX API:
-when it is missing, nothing changes). The trainer's run assembly (`train.setup.build_run`) and
-`Embedder` call it; `EMBEDDER_XLA_CPU_DEFAULTS=0` opts out. Measurements: bench/README.md, session 4.
+when it is missing, nothing changes). Part of `embedder.tune_cpu()`; `EMBEDDER_XLA_CPU_DEFAULTS=0`
+opts out.
 """
 
 from __future__ import annotations

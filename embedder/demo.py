@@ -153,4 +153,7 @@ def _plot(workdir: pathlib.Path, run_dirs) -> None:
 
 
 if __name__ == "__main__":
+    from embedder.cpu_tuning import tune_command
+
+    tune_command()   # this process is ours: the CPU tuning (embedder/cpu_tuning.py)
     sys.exit(main())

@@ -3,12 +3,14 @@
 One arena, no trimming, and a fixed 32 MiB mmap threshold (glibc's largest). Buffers below it are
 reused from the heap without page faults; bigger ones, such as XLA:CPU's one temporary block per
 step, get their own mapping, so no small allocation can carve a freed block and make the next
-step's block grow the heap (bench/README.md, session 9). Their page faults are cheap with
-transparent huge pages, which glibc asks for only when started with `glibc.malloc.hugetlb=1` in
-`GLIBC_TUNABLES`: `reexec_with_tunables()` restarts a command with the policy as tunables (the
-train CLI calls it first); `apply()` sets what `mallopt` can in a running process (`import
-embedder` calls it). Neither acts where JAX runs on an accelerator, off Linux/glibc, when the user
-tunes malloc (`MALLOC_*`, `glibc.malloc` in `GLIBC_TUNABLES`), or with `EMBEDDER_XLA_CPU_DEFAULTS=0`.
+step's block grow the heap. Their page faults are cheap with transparent huge pages, which glibc
+asks for only when started with `glibc.malloc.hugetlb=1` in `GLIBC_TUNABLES`:
+`reexec_with_tunables()` restarts a command with the policy as tunables (the train CLI and the
+benchmarks call it first) and, in the restarted process, gives the environment back as the user
+set it, so child processes never see the tunables; `apply()` sets what `mallopt` can in a running
+process (`embedder.tune_cpu()` calls it). Neither acts where JAX runs on an accelerator, off
+Linux/glibc, when the user tunes malloc (`MALLOC_*`, `glibc.malloc` in `GLIBC_TUNABLES`), or with
+`EMBEDDER_XLA_CPU_DEFAULTS=0`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 TUNABLES = (f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:"
             f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}:glibc.malloc.hugetlb=1")
 
+# Set by reexec_with_tunables() for the restarted process only: the user's GLIBC_TUNABLES
+# ("=" + value, or "unset"), restored and removed first thing there.
+RESTART_ENV = "EMBEDDER_GLIBC_TUNABLES_BEFORE_RESTART"
+
 _applied = False
+_restarted = False     # whether this process runs under the tunables reexec_with_tunables() set
 
 
 def user_tunes_malloc(environ=os.environ) -> bool:
@@ -100,13 +107,35 @@ def tunables_env(environ=os.environ, thp_mode: str | None = None) -> dict | None
     return dict(environ, GLIBC_TUNABLES=f"{existing}:{TUNABLES}" if existing else TUNABLES)
 
 
+def _restore_after_restart(environ) -> bool:
+    """In a process that `reexec_with_tunables()` started: puts the user's `GLIBC_TUNABLES` back
+    into `environ` (glibc read the tunables at start-up) and drops the marker; True there. A marker
+    whose tunables are not the ones a restart sets (an odd inheritance) is dropped and ignored."""
+    marker = environ.pop(RESTART_ENV, None)
+    if marker is None:
+        return False
+    before = None if marker == "unset" else marker[1:]
+    if environ.get("GLIBC_TUNABLES") != (f"{before}:{TUNABLES}" if before else TUNABLES):
+        return False
+    if before is None:
+        environ.pop("GLIBC_TUNABLES", None)
+    else:
+        environ["GLIBC_TUNABLES"] = before
+    return True
+
+
 def reexec_with_tunables() -> None:
-    """Restarts this command (same pid, argv and environment) with `tunables_env()`; returns
-    when there is nothing to change. Call it first thing in a command's main, never in a
-    library or notebook."""
+    """Restarts this command (same pid and argv) with `tunables_env()`; returns when there is
+    nothing to change, and in the restarted process, whose environment it first gives back as
+    the user set it. Call it first thing in a command's main, never in a library or notebook."""
+    global _restarted
+    if _restore_after_restart(os.environ):
+        _restarted = True
+        return
     env = tunables_env()
     if env is None or not getattr(sys, "orig_argv", None):
         return
+    env[RESTART_ENV] = "=" + os.environ["GLIBC_TUNABLES"] if "GLIBC_TUNABLES" in os.environ else "unset"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

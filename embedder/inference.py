@@ -31,13 +31,18 @@ def row_buckets(n: int, batch_size: int, multiple: int) -> int:
     return -(-rows // multiple) * multiple
 
 
+def _jitted_apply(config: ModelConfig, platform: str):
+    """One jitted forward per architecture and platform, shared by every Embedder of it: the
+    evaluations a training run makes every N steps (a new Embedder each time) reuse the compiled
+    buckets. Its XLA options are those `embedder.tune_cpu()` asks for at the time of the call."""
+    options = xla_cpu_flags.compiler_options(config.dtype, platform)
+    return _jitted_apply_with(config, tuple(sorted(options.items())))
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted_apply(config: ModelConfig):
-    """One jitted forward per architecture, shared by every Embedder of it: the evaluations a
-    training run makes every N steps (a new Embedder each time) reuse the compiled buckets."""
+def _jitted_apply_with(config: ModelConfig, options: tuple):
     model = EmbeddingModel(config)
-    options = xla_cpu_flags.compiler_options(config.dtype, jax.default_backend())
-    return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask), compiler_options=options)
+    return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask), compiler_options=dict(options))
 
 
 def precast_params(model: EmbeddingModel, params, dtype):
@@ -45,10 +50,8 @@ def precast_params(model: EmbeddingModel, params, dtype):
     `dtype` (bf16 / f16) converted once here; other leaves (norm scales, f32 heads) unchanged.
 
     The forward's outputs are the same bits (it converts the converted leaf to itself), without
-    re-converting every weight on every call (bf16 Gemma 3 270M encode 0.79x -> 0.83x
-    sentence-transformers' bf16, bench/README.md, session 9; the per-call weight transposes XLA
-    adds for its dot layouts remain). Leaves are found in the traced forward: each use of the
-    leaf must be a `convert_element_type` to `dtype`.
+    re-converting every weight on every call. Leaves are found in the traced forward: each use of
+    the leaf must be a `convert_element_type` to `dtype`.
     """
     dtype = np.dtype(jax.numpy.dtype(dtype))
     if dtype.itemsize >= 4:
@@ -92,7 +95,7 @@ class Embedder:
         # A scan_layers override runs an unrolled export scanned (or back): restack to match.
         params = match_layer_layout(params, self.config)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        self._apply = _jitted_apply(self.config)
+        self._apply = _jitted_apply(self.config, devices.flat[0].platform)
         self._run_params = None   # `precast_params` of params, made on the first encode
 
     @classmethod

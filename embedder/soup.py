@@ -328,4 +328,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from embedder.cpu_tuning import tune_command
+
+    tune_command()   # this process is ours: the CPU tuning (embedder/cpu_tuning.py)
     sys.exit(main())

@@ -1,29 +1,31 @@
-"""XLA:CPU defaults that make our encoders faster on CPU hosts; set before JAX opens a backend.
+"""XLA:CPU options for the project's own executables (the Embedder forward, the train step) under the CPU tuning.
 
-XLA:CPU hands dots and their neighbouring elementwise ops to YNNPACK fusions by default; for our
-f32 transformer shapes its own dot emitter plus loop fusions are faster (bench/README.md,
-session 3), while bf16 x bf16 -> f32 dots need YNNPACK to use a host's AMX / AVX512_BF16 units
-(session 9). `apply()` appends `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) to
-`XLA_FLAGS`; `compiler_options(dtype, platform)` turns YNNPACK dots back on for one executable
-whose compute dtype is bf16 or f16. Neither acts when the user chose a value for that flag, or
-with `EMBEDDER_XLA_CPU_DEFAULTS=0`. XLA reads `XLA_FLAGS` once, when the first backend starts;
-`import embedder` calls `apply()`.
+XLA:CPU hands dots and their neighbouring elementwise ops to YNNPACK fusions by default. For our
+f32 encoder shapes its own dot emitter and loop fusions are faster, while a bf16 x bf16 -> f32 dot
+needs YNNPACK to use a host's AMX / AVX512_BF16 units. `enable()` (part of `embedder.tune_cpu()`)
+turns this on; `compiler_options(dtype, platform)` then gives one executable its setting through
+`jax.jit(..., compiler_options=...)`: no YNNPACK fusions for f32, YNNPACK dots only for bf16 / f16.
+Options are per executable rather than in `XLA_FLAGS`, so nothing reaches other computations of the
+process or its child processes, and they apply whenever the backend started. Off when the user set
+the flag in `XLA_FLAGS`, with jaxlib older than 0.8 (which does not know it), or with
+`EMBEDDER_XLA_CPU_DEFAULTS=0`.
 """
 
 from __future__ import annotations
 
 import os
 
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+YNN_FLAG = "--" + YNN_OPTION
 OPT_OUT_ENV = "EMBEDDER_XLA_CPU_DEFAULTS"
-_MIN_JAXLIB = (0, 8)   # the flag is known from here on; an unknown flag aborts XLA
-YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-# XLA_FLAGS as apply() left it, so a child process that inherits them knows the flag is ours.
-APPLIED_ENV = "EMBEDDER_XLA_FLAGS_APPLIED"
-_ours = False          # whether apply() set the flag (not the user)
+_MIN_JAXLIB = (0, 8)   # the option is known from here on; an unknown one is an error
+NO_YNN_FUSIONS = {YNN_OPTION: ""}
+YNN_DOTS = {YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+_enabled = False       # whether enable() turned the options on in this process
 
 
-def _jaxlib_version() -> tuple[int, ...] | None:
+def jaxlib_version() -> tuple[int, ...] | None:
     from importlib import metadata
 
     try:
@@ -37,32 +39,32 @@ def _jaxlib_version() -> tuple[int, ...] | None:
     return tuple(parts)
 
 
-def flags_with_defaults(xla_flags: str, jaxlib_version: tuple[int, ...] | None) -> str:
-    """`xla_flags` plus our CPU defaults (unchanged when the user set the flag or jaxlib is older)."""
-    if jaxlib_version is None or jaxlib_version < _MIN_JAXLIB:
-        return xla_flags
-    if any(f.split("=", 1)[0] == YNN_FLAG for f in xla_flags.split()):
-        return xla_flags
-    return f"{xla_flags} {YNN_FLAG}=".strip()
+def user_sets_flag(xla_flags: str) -> bool:
+    """Whether `xla_flags` (an `XLA_FLAGS` value) chooses the YNNPACK fusion types itself."""
+    return any(f.split("=", 1)[0] == YNN_FLAG for f in xla_flags.split())
 
 
-def apply() -> None:
-    global _ours
-    if os.environ.get(OPT_OUT_ENV, "1") == "0":
-        return
-    before = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = flags_with_defaults(before, _jaxlib_version())
-    _ours = _ours or os.environ["XLA_FLAGS"] != before or os.environ.get(APPLIED_ENV) == before
-    if _ours:
-        os.environ[APPLIED_ENV] = os.environ["XLA_FLAGS"]
+def wanted(environ=os.environ, version: tuple[int, ...] | None = None) -> bool:
+    """Whether the options are ours to set: not opted out, a jaxlib that knows them, and no
+    choice of the user's in `XLA_FLAGS`."""
+    version = jaxlib_version() if version is None else version
+    return (environ.get(OPT_OUT_ENV, "1") != "0" and version is not None and version >= _MIN_JAXLIB
+            and not user_sets_flag(environ.get("XLA_FLAGS", "")))
+
+
+def enable() -> bool:
+    """Turns the per-executable options on where `wanted()`; True when they are on."""
+    global _enabled
+    _enabled = _enabled or wanted()
+    return _enabled
 
 
 def compiler_options(dtype, platform: str) -> dict:
-    """Per-executable XLA options (`jax.jit(..., compiler_options=...)`) for a computation in
-    compute `dtype` on `platform`: YNNPACK dots for bf16 / f16 on the CPU, where apply() turned
-    YNNPACK off; nothing otherwise."""
+    """Options (`jax.jit(..., compiler_options=...)`) for an executable whose compute dtype is `dtype`,
+    compiled for `platform`: on the CPU, once enabled, no YNNPACK fusions for f32 and YNNPACK dots for
+    bf16 / f16; nothing otherwise."""
     import jax.numpy as jnp
 
-    if platform != "cpu" or not _ours or jnp.dtype(dtype).itemsize >= 4:
+    if platform != "cpu" or not _enabled:
         return {}
-    return dict(YNN_DOTS)
+    return dict(YNN_DOTS if jnp.dtype(dtype).itemsize < 4 else NO_YNN_FUSIONS)

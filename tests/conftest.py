@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import embedder  # noqa: E402
+
+embedder.tune_cpu()   # the tests run with the tuning the project's commands apply
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

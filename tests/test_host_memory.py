@@ -53,7 +53,7 @@ def _clean_env(**extra):
     return env
 
 
-def _probe(env, prelude="import embedder"):
+def _probe(env, prelude="import embedder; embedder.tune_cpu()"):
     out = subprocess.run([sys.executable, "-c", PROBE.format(prelude=prelude)], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -69,7 +69,7 @@ def test_small_buffers_reused_and_big_ones_never_double_the_heap():
 
 
 def test_the_probe_sees_the_carved_block_of_a_never_mmapping_heap():
-    """The policy before session 9 (no mmap at all) grows the heap by a second block."""
+    """A heap that never mmaps (one arena, no mmap, no trimming) grows by a second block."""
     env = _clean_env(MALLOC_ARENA_MAX="1", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))
     applied, _, big_growth, _ = _probe(env)
     assert not applied and big_growth > 1.7
@@ -85,8 +85,10 @@ def test_restart_with_tunables_gives_big_blocks_huge_pages():
     if host_memory.tunables_env(env) is None:
         pytest.skip(f"no restart here: glibc {host_memory._glibc_version()}, transparent huge pages "
                     f"{host_memory.transparent_huge_pages()!r}")
+    # The restarted process runs under the tunables but gives its environment back as the user set it.
     prelude = ("from embedder import host_memory; host_memory.reexec_with_tunables()\n"
-               "import os; assert os.environ['GLIBC_TUNABLES'] == host_memory.TUNABLES")
+               "import os; assert host_memory._restarted and 'GLIBC_TUNABLES' not in os.environ\n"
+               "assert host_memory.RESTART_ENV not in os.environ")
     _, small_faults, big_growth, big_faults = _probe(env, prelude)
     assert small_faults < 0.05 * SMALL_PAGES and big_growth < 1.3
     assert big_faults < 0.05 * BIG_PAGES   # 2 MiB pages: a 512th of the 4 KiB faults
@@ -126,6 +128,19 @@ def test_accelerator_present(environ, want, tmp_path):
     assert host_memory.accelerator_present(environ, dev=str(tmp_path)) is want
     (tmp_path / "nvidia0").touch()
     assert host_memory.accelerator_present({}, dev=str(tmp_path)) is True
+
+
+def test_restart_marker_restores_the_users_tunables_and_ignores_a_stale_one():
+    environ = {"GLIBC_TUNABLES": "glibc.rtld.nns=4:" + host_memory.TUNABLES,
+               host_memory.RESTART_ENV: "=glibc.rtld.nns=4"}
+    assert host_memory._restore_after_restart(environ)
+    assert environ == {"GLIBC_TUNABLES": "glibc.rtld.nns=4"}
+    environ = {"GLIBC_TUNABLES": host_memory.TUNABLES, host_memory.RESTART_ENV: "unset"}
+    assert host_memory._restore_after_restart(environ) and environ == {}
+    # A marker beside tunables a restart did not set (the user's own): dropped, the tunables kept.
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", host_memory.RESTART_ENV: "unset"}
+    assert not host_memory._restore_after_restart(environ)
+    assert environ == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
 
 
 def test_user_malloc_settings_win():

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from embedder import host_memory
+from embedder import cpu_tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, `path.py` or `path.py:ARG`.", lock_config=True)
@@ -168,5 +168,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_tunables()   # big XLA:CPU buffers on huge pages (embedder/host_memory.py)
+    # This process is ours: the CPU tuning, after one restart that gives XLA:CPU's big buffers huge
+    # pages (embedder/cpu_tuning.py; the restarted process hands its children the user's environment).
+    cpu_tuning.tune_command(restart=True)
     app.run(main, flags_parser=_parse_flags)

@@ -10,7 +10,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from embedder import cpu_random, sharding, xla_cpu_flags
+from embedder import sharding, xla_cpu_flags
 from embedder.model import EmbeddingModel, ModelConfig
 from embedder.train.optim import make_optimizer
 from embedder.train.state import TrainState, create_train_state, state_shardings_for
@@ -39,7 +39,6 @@ class TrainAssembly:
 def build_run(config, devices: Sequence[Any] | None = None, num_slices: int | None = None) -> TrainAssembly:
     """Assembles the run of train `config` on `devices` (default: all), over `num_slices` slices
     (default: as many as the devices span; the `data` axis spans them)."""
-    cpu_random.apply()  # dropout bits fused into their consumer on CPU (same bits)
     mesh = sharding.make_mesh(config.mesh, devices, num_slices)
     rules = sharding.logical_rules(config)
     model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()))
