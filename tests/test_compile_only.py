@@ -166,6 +166,38 @@ def test_compile_tiny_config_for_v5e_2x2(capsys):
 
 
 @needs_libtpu
+def test_tpu_compile_on_a_cpu_host_traces_the_tpu_graph(monkeypatch):
+    """The model decides its dot layout from the compile target, not the host: the TPU program
+    has none of the 2-D reshaped products (`einsum.CPU_2D_DOT`) that the same step has on CPU."""
+    import dataclasses
+
+    from embedder.model.einsum import CPU_2D_DOT
+
+    texts = {}
+    real_build_run = co.build_run
+
+    def recording_build_run(*args, **kwargs):
+        run = real_build_run(*args, **kwargs)
+
+        class Recording:
+            def lower(self, *a):
+                lowered = run.step.lower(*a)
+                texts[run.mesh.devices.flat[0].platform] = lowered.as_text(debug_info=True)
+                return lowered
+        return dataclasses.replace(run, step=Recording())
+
+    monkeypatch.setattr(co, "build_run", recording_build_run)
+    c = _tiny_config()
+    c.grad_cache_chunks = 0
+    c.mesh.shape = (2, 2, 1)
+    assert co.compile_only(c, topology="v5e:2x2") == 0
+    c.mesh.shape = (-1, 1, 1)
+    assert co.compile_only(c) == 0
+    assert CPU_2D_DOT in texts["cpu"] and CPU_2D_DOT not in texts["tpu"]
+    assert texts["tpu"].count("dot_general") > 0
+
+
+@needs_libtpu
 def test_too_large_for_v5e_is_reported_not_crashed(capsys):
     # One global layer, no gradient cache (cheap to compile), but a 4M x 1024 embedding table
     # whose f32 Adam state (48 GiB, 24 GiB per chip over fsdp=2) cannot fit a 15.75 GiB v5e chip.

@@ -280,8 +280,8 @@ def test_accumulating_einsum_rounds_once_and_its_gradients_too():
 
 def test_einsum_product_as_one_matmul_equals_the_einsum(monkeypatch):
     """f32 products over grouped axes run as one 2-D matmul on the CPU (no transposed gradient
-    copies, bench/README.md session 10): same values and gradients as the einsum; bf16 products,
-    other equations and other platforms keep the einsum."""
+    copies): same values and gradients as the einsum; bf16 products, other equations and other
+    platforms keep the einsum."""
     from embedder.model import einsum as einsum_lib
 
     assert einsum_lib.matmul_groups("BLD,DF->BLF") == (2, 1)
@@ -311,3 +311,8 @@ def test_einsum_product_as_one_matmul_equals_the_einsum(monkeypatch):
                                            rtol=tol, atol=tol)
     monkeypatch.undo()
     assert einsum_lib.flatten_dots() == (jax.default_backend() == "cpu")
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):   # inside a trace: the platform of the mesh's devices
+        seen = []
+        jax.jit(lambda a: seen.append(einsum_lib.dot_platform()) or a).lower(1.0)
+    assert seen == [mesh.devices.flat[0].platform]

@@ -133,7 +133,7 @@ class Attention(nn.Module):
         Multi-head attention takes 4-D einsums on heads-major `[B, N, T, H]` operands:
         XLA:CPU transposes the size-1 group axis of the 5-D grouped form through copies of
         the whole logits tensor, and the heads-major layout makes both dots plain batched
-        GEMMs (bench/README.md, session 5).
+        GEMMs.
         """
         cfg = self.config
         b, length, n, h = q.shape

@@ -43,8 +43,8 @@ def accumulating_einsum(eqn: str, x, w):
 
     The same numbers as a plain bf16 einsum on TPU/GPU (their dots accumulate in f32), but on
     CPU a bf16 x bf16 -> f32 dot is one YNNPACK can run on AMX / AVX512_BF16 units, where
-    XLA:CPU turns a bf16 -> bf16 dot into an f32 dot of upcast operands (bench/README.md,
-    session 9). A plain `preferred_element_type` would leave the backward dots f32 x bf16.
+    XLA:CPU turns a bf16 -> bf16 dot into an f32 dot of upcast operands. A plain
+    `preferred_element_type` would leave the backward dots f32 x bf16.
     """
     return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -80,21 +80,31 @@ def matmul_groups(eqn: str) -> tuple[int, int] | None:
     return None
 
 
+CPU_2D_DOT = "cpu_2d_dot"
+
+
+def dot_platform() -> str:
+    """The platform the computation being traced is compiled for: that of the mesh set with
+    `jax.set_mesh` (a TPU topology when compiling ahead of time on a CPU host), else JAX's
+    default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def flatten_dots() -> bool:
-    """Whether `Einsum` runs its f32 products as 2-D matmuls: on the CPU. There XLA:CPU's layout
-    assignment writes the gradient of a `[B, L, F]` activation transposed (`[F, B*L]`) for the
-    weight-gradient dot of a 3-D einsum, a strided copy as slow as the dot it feeds (Gemma 3 270M
-    f32 train step: 48% of the non-dot op time, step 1.20x -> 1.37x sentence-transformers';
-    bench/README.md, session 10); with the token axes merged first it does not. Not for bf16 /
-    f16 products (YNNPACK dots), whose step got slower so (13.1 -> 17.8 s), nor on TPU / GPU
-    (not measured there)."""
-    return jax.default_backend() == "cpu"
+    """Whether `Einsum` runs its f32 products as 2-D matmuls: when compiling for the CPU. There
+    XLA:CPU's layout assignment writes the gradient of a `[B, L, F]` activation transposed
+    (`[F, B*L]`) for the weight-gradient dot of a 3-D einsum, a strided copy as slow as the dot it
+    feeds; with the token axes merged first it does not. Not for bf16 / f16 products (YNNPACK
+    dots), which are slower so, nor on TPU / GPU, whose compilers choose their own layouts."""
+    return dot_platform() == "cpu"
 
 
 def einsum_product(eqn: str, x, w, accumulate: bool = False):
     """`einsum(eqn, x, w)`: with `accumulating_einsum` when `accumulate` (bf16 / f16 compute:
     f32 accumulation, native dots); otherwise as one 2-D matmul when `eqn` is a product over
-    grouped axes (`matmul_groups`) and `flatten_dots()`, the same sums."""
+    grouped axes (`matmul_groups`) and `flatten_dots()`, the same sums (named `cpu_2d_dot` in
+    the compiled program)."""
     if accumulate:
         return accumulating_einsum(eqn, x, w)
     groups = matmul_groups(eqn) if flatten_dots() else None
@@ -102,8 +112,9 @@ def einsum_product(eqn: str, x, w, accumulate: bool = False):
         return jnp.einsum(eqn, x, w)
     free, k = groups
     lead, inner, tail = x.shape[:free], x.shape[free:], w.shape[k:]
-    y = jnp.dot(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), math.prod(tail)))
-    return y.reshape(lead + tail)
+    with jax.named_scope(CPU_2D_DOT):
+        y = jnp.dot(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), math.prod(tail)))
+        return y.reshape(lead + tail)
 
 
 class Einsum(nn.Module):

@@ -36,7 +36,7 @@ class FeedForward(nn.Module):
     """`down(act(up(x)))` with biases (BERT), over token rows `[B * L, D]`.
 
     Token rows make a bias gradient a one-axis sum; XLA:CPU's two-axis sum of a `[B, L, F]`
-    gradient is 3-4x slower (bench/README.md, session 5).
+    gradient is several times slower.
     """
 
     config: ModelConfig
