@@ -111,6 +111,27 @@ def test_run_from_a_headless_body_adds_a_fresh_projection_and_resumes_without_re
     assert "resumed from step 2" in caplog.text and "initialised parameters from" not in caplog.text
 
 
+def test_a_resume_needs_only_its_workdir_after_the_init_from_gguf_is_deleted(
+        bpe_model, pairs_file, repo_root, tmp_path, monkeypatch):
+    """Train 2 steps from a GGUF file, delete the file, resume to 3 steps: the resumed run reads
+    its tokenizer from the workdir and never opens (or parses) the source."""
+    from embedder.convert import from_gguf
+
+    source = write_tiny_gemma_gguf(tmp_path / "source.gguf", bpe_model, quantized=False, **SMALL)
+    _, source_spec = model_store.load_model(source)
+    config = _tiny_config(pairs_file, repo_root, source, source_spec)
+    workdir = tmp_path / "run"
+    assert loop.train(config, workdir)["step"] == 2
+    source.unlink()
+    parsed = []
+    for module in (from_gguf, model_store):
+        monkeypatch.setattr(module, "read_gguf", lambda *a, **k: parsed.append(a) or 1 / 0)
+    config.total_steps = 3
+    config.checkpoint.every_steps = 1
+    assert loop.train(config, workdir)["step"] == 3
+    assert not parsed
+
+
 def test_step_zero_params_equal_the_source_and_the_seed(headless_export, pairs_file, repo_root, tmp_path):
     source_params, source_spec = model_store.load_model(headless_export)
     config = _tiny_config(pairs_file, repo_root, headless_export, source_spec)

@@ -4,6 +4,7 @@ source has none (a pretrained LLM gains its projection), and the source's tokeni
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 import shutil
@@ -11,7 +12,7 @@ import shutil
 import jax
 import numpy as np
 
-from embedder.checkpoint import flat_paths
+from embedder.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, flat_paths
 from embedder.model.config import RUN_FIELDS, ModelConfig
 from embedder.model_store import load_model, load_spec, locate_model
 
@@ -88,7 +89,10 @@ def load_init_params(path: str, fresh_params, model_config: ModelConfig):
     """The run's initial parameters: `path`'s (any saved model, HF folder or GGUF file) merged
     into `fresh_params` as `merge_params` says, in `model_config`'s layer layout; logs which
     paths start fresh and which source paths are not used."""
-    params, spec = load_model(path, config=model_config)
+    try:
+        params, spec = load_model(path, config=model_config)
+    except (FileNotFoundError, ValueError) as e:   # no such model, or not a saved model
+        raise InitFromError(f"init_from={path}: {e}; set --config.init_from to a saved model") from None
     merged, report = merge_params(params, fresh_params, source_name=path)
     for diff in _config_differences(spec.get("model") or {}, model_config):
         log.warning("init_from=%s: config.model differs from the source model in %s", path, diff)
@@ -102,11 +106,32 @@ def load_init_params(path: str, fresh_params, model_config: ModelConfig):
     return merged, report
 
 
+def saved_tokenizer(workdir: pathlib.Path, max_length: int) -> dict | None:
+    """The tokenizer entry that an earlier start of the run in `workdir` took from its source
+    (`source_tokenizer`), with `max_length` set to the run's: when the workdir holds a checkpoint
+    step and its config.json names a tokenizer file present in the workdir; else None. A resumed
+    run reads it instead of its `init_from` source, which it then never needs."""
+    checkpoints = workdir / CHECKPOINTS_DIR
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        return None
+    try:
+        tok = dict(json.loads((workdir / CONFIG_FILE).read_text())["model_spec"]["tokenizer"] or {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not tok.get("file") or not (workdir / tok["file"]).is_file():
+        return None
+    tok["max_length"] = int(max_length)
+    return tok
+
+
 def source_tokenizer(path: str, workdir: pathlib.Path, max_length: int) -> tuple[dict, pathlib.Path]:
     """`(entry, file)`: the tokenizer entry of `path`'s model spec with `max_length` set to the
     run's, naming its file by basename, and that file, copied into `workdir` (by process 0) so
     the workdir stays self-contained; `file` is the source's own copy, readable at once."""
-    spec = load_spec(locate_model(path))
+    try:
+        spec = load_spec(locate_model(path))
+    except (FileNotFoundError, ValueError) as e:   # no such model, or not a saved model
+        raise InitFromError(f"init_from={path}: {e}; set --config.init_from to a saved model") from None
     tok = dict(spec.get("tokenizer") or {})
     if not tok.get("file"):
         raise InitFromError(f"init_from={path} names no tokenizer file; set --config.tokenizer.file")

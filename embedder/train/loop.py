@@ -27,7 +27,7 @@ from embedder.evaluate.plots import plot_metrics_vs_step
 from embedder.inference import Embedder
 # ConfigError: the train CLI catches it from here, with the loop's own errors.
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
-from embedder.train.init_from import load_init_params, source_tokenizer
+from embedder.train.init_from import load_init_params, saved_tokenizer, source_tokenizer
 from embedder.train.preemption import Preemption
 from embedder.train.setup import build_run
 from embedder.train.workdir_files import MetricsWriter, write_config_json
@@ -169,8 +169,13 @@ class Trainer:
         self.spec = model_spec(config)
         tokenizer_file = None   # set when the spec names a tokenizer copied from init_from's model
         if config.init_from and not config.tokenizer.file:  # the source model's own tokenizer
-            self.spec["tokenizer"], tokenizer_file = source_tokenizer(
-                config.init_from, self.workdir, config.tokenizer.max_length)
+            # A resume takes the copy in its workdir: the source may be gone, and is not re-read.
+            saved = saved_tokenizer(self.workdir, config.tokenizer.max_length)
+            if saved is not None:
+                self.spec["tokenizer"], tokenizer_file = saved, self.workdir / saved["file"]
+            else:
+                self.spec["tokenizer"], tokenizer_file = source_tokenizer(
+                    config.init_from, self.workdir, config.tokenizer.max_length)
         _log_model(config, self.spec, tokenizer_file)
         if not config.data.data_dir:
             config.data.data_dir = str(default_data_dir(self.workdir))
