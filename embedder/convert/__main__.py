@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.error("a subcommand is required: from-hf, from-gguf or to-hf")
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+        sys.stderr.write(f"{parser.prog} {args.command}: error: DST_DIR {args.dst} is a file; pass the path of "
+                         "a new or empty directory (or of an earlier output, with --overwrite)\n")
+        return 1
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

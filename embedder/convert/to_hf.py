@@ -123,6 +123,8 @@ def write_hf_folder(params, spec: dict, dst, *, tokenizer_file=None, overwrite: 
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Writes `(params, spec)` as a transformers + sentence-transformers folder at `dst`."""
     dst = pathlib.Path(dst).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file; choose a directory path for the Hugging Face folder")
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite or choose another directory")

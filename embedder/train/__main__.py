@@ -138,12 +138,25 @@ def _reject_url_workdir(workdir: str | None) -> None:
         sys.exit(2)
 
 
+def _reject_unloadable_config() -> None:
+    """Exit 2 with one line when the --config file could not be loaded (ml_collections defers
+    that error to the config's first use, deep inside the run)."""
+    try:
+        _CONFIG.value.keys()
+    except OSError as e:
+        reason = str(e).strip().splitlines()[-1].strip()   # "[Errno 2] No such file or directory: 'x.py'"
+        print(f"error: --config {flags.FLAGS['config'].config_filename}: cannot be loaded ({reason}); pass an "
+              "experiment config file, e.g. --config experiments/demo.py:prefinetune", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     _reject_url_workdir(_WORKDIR.value)   # before any JAX / distributed work: cheap and certain
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config experiments/demo.py:prefinetune")
+    _reject_unloadable_config()
     if _PRINT_CONFIG.value:
         print("\n".join(config_flag_lines(_CONFIG.value)))
         return
@@ -157,11 +170,12 @@ def main(argv):
         _initialize_distributed()
     from embedder.checkpoint.read_faults import CheckpointReadError
     from embedder.data.records import BadRecordError
+    from embedder.train.init_from import InitFromError
     from embedder.train.loop import ConfigError, NonFiniteLossError, train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (BadRecordError, CheckpointReadError, ConfigError, NonFiniteLossError) as e:
+    except (BadRecordError, CheckpointReadError, ConfigError, InitFromError, NonFiniteLossError) as e:
         # A data, config, storage or divergence problem, not a bug: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
