@@ -398,3 +398,37 @@ def test_negatives_llm_ranking_with_rrf():
     assert row["negatives"][-1] == "red apple pie tart [far] [bad]" and m["ranks"][-1] == 1
     assert m["likelihood"][-1] == 5.0 and m["relevance"][-1] == 0.0 and len(row["negatives"]) == 2
     assert "red apple pie recipe" not in row["negatives"] and "unrelated zebra" not in row["negatives"]
+
+
+def test_cache_key_covers_server_backend_model_prompt_and_sampling():
+    from embedder.synth.cache import cache_key
+    from embedder.synth.llm_client import server_id
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]
+    params = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": 1}
+    base = dict(backend="openai", model="m", messages=msgs, params=params, server="http://a:8000/v1/chat/completions")
+    key = cache_key(**base)
+    assert cache_key(**dict(base, params=dict(reversed(params.items())))) == key   # order does not matter
+    changes = [dict(server="http://b:8000/v1/chat/completions"), dict(backend="gemini"), dict(model="m2"),
+               dict(messages=[msgs[0], {"role": "user", "content": "q2"}]),
+               dict(messages=[{"role": "system", "content": "be long"}, msgs[1]])]
+    changes += [dict(params=dict(params, **{k: v})) for k, v in
+                (("temperature", 0.0), ("top_p", 1.0), ("max_tokens", 65), ("seed", 2))]
+    keys = {cache_key(**dict(base, **c)) for c in changes}
+    assert key not in keys and len(keys) == len(changes)
+    # The server is named without credentials, query or trailing slash.
+    assert server_id("https://user:sk-secret@host.example:8443/v1/?key=sk-secret") == "https://host.example:8443/v1"
+
+
+def test_the_same_model_name_on_another_server_is_asked_again():
+    from embedder.synth.runner import LLMRequest
+
+    cache = MemoryCache()
+    requests = [LLMRequest([{"role": "user", "content": "name a fruit"}], {"temperature": 0.0})]
+    with ScriptedServer(lambda prompt: "apple") as one, ScriptedServer(lambda prompt: "pear") as two:
+        first = LLMRunner(make_client("openai:m", base_url=one.url, timeout=2), cache).complete_all(requests)
+        again = LLMRunner(make_client("openai:m", base_url=one.url, timeout=2), cache).complete_all(requests)
+        other = LLMRunner(make_client("openai:m", base_url=two.url, timeout=2), cache).complete_all(requests)
+        assert sum(one.seen.values()) == 1 and sum(two.seen.values()) == 1
+    assert [r.answer for r in first + again + other] == ["apple", "apple", "pear"]
+    assert again[0].cached and not other[0].cached

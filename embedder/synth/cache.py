@@ -1,4 +1,4 @@
-"""Disk cache of LLM answers (sqlite), keyed by backend, model, messages and sampling parameters."""
+"""Disk cache of LLM answers (sqlite), keyed by server, backend, model, messages and sampling parameters."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +12,14 @@ from typing import Mapping, Sequence
 from embedder.synth.llm_client import Message
 
 
-def cache_key(backend: str, model: str, messages: Sequence[Message], params: Mapping[str, object]) -> str:
-    """A stable hash of everything that determines an answer (never the key or the URL)."""
+def cache_key(backend: str, model: str, messages: Sequence[Message], params: Mapping[str, object],
+              server: str = "") -> str:
+    """A stable hash of everything that determines an answer: the server (`llm_client.server_id`
+    of its URL: the same model name elsewhere is another model), backend, model, prompt messages
+    and sampling parameters; never the API key."""
     payload = json.dumps(
-        {"backend": backend, "model": model, "messages": [dict(m) for m in messages], "params": dict(params)},
+        {"server": server, "backend": backend, "model": model, "messages": [dict(m) for m in messages],
+         "params": dict(params)},
         sort_keys=True,
         ensure_ascii=False,
     )

@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import httpx
 
-from embedder.synth.llm_client import LLMClient, Message
+from embedder.synth.llm_client import LLMClient, Message, server_id
 from embedder.synth.retry import FatalLLMError, RetryableError, parse_retry_after
 
 
@@ -18,6 +18,7 @@ class GeminiClient(LLMClient):
         from google.genai import types
 
         self.model = model
+        self.server = server_id(base_url) if base_url else "google-genai default endpoint"
         self._key = api_key
         self._types = types
         http_options = types.HttpOptions(

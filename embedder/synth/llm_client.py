@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import abc
+import urllib.parse
 from typing import Mapping, Sequence
 
 Message = Mapping[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+
+def server_id(url: str) -> str:
+    """`url` without credentials, query or fragment (`scheme://host:port/path`): which server
+    answers, as the answer cache records it, never a secret."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 class LLMClient(abc.ABC):
@@ -18,6 +28,7 @@ class LLMClient(abc.ABC):
 
     backend: str
     model: str
+    server: str = ""   # the endpoint that answers (`server_id`), part of the answer cache's key
 
     @abc.abstractmethod
     def complete(self, messages: Sequence[Message], params: Mapping[str, object]) -> str:

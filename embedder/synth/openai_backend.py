@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import httpx
 
-from embedder.synth.llm_client import LLMClient, Message
+from embedder.synth.llm_client import LLMClient, Message, server_id
 from embedder.synth.retry import FatalLLMError, RetryableError, parse_retry_after
 
 _PARAM_NAMES = ("temperature", "top_p", "max_tokens", "seed", "stop")
@@ -29,6 +29,7 @@ class OpenAICompatibleClient(LLMClient):
             raise ValueError(f"--base-url {base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
         self.model = model
         self.url = chat_completions_url(base_url)
+        self.server = server_id(self.url)
         self._key = api_key
         headers = {"Content-Type": "application/json"}
         if api_key:

@@ -91,7 +91,8 @@ class LLMRunner:
         with concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="llm") as pool:
             try:
                 for request in requests:
-                    key = cache_key(self.client.backend, self.client.model, request.messages, request.params)
+                    key = cache_key(self.client.backend, self.client.model, request.messages, request.params,
+                                    server=self.client.server)
                     hit = self.cache.get(key)
                     if hit is not None:
                         self._count("cache_hits")
