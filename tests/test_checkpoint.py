@@ -227,6 +227,82 @@ def test_persistent_read_error_fails_in_one_line_and_moves_nothing(tmp_path, mon
     assert not (tmp_path / "checkpoints_corrupt").exists()
 
 
+def _fail_first_calls_with(monkeypatch, owner, name, calls, exc):
+    real, log = getattr(owner, name), []
+
+    def flaky(*args, **kwargs):
+        log.append(name)
+        if len(log) <= calls:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return log
+
+
+def test_a_file_missing_once_is_not_corruption(tmp_path, monkeypatch):
+    """A FileNotFoundError that a second read after the back-off does not see again (a FUSE / NFS
+    hiccup) moves nothing: the newest step resumes."""
+    from embedder.checkpoint import manager
+
+    states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
+    with ckpt.TrainCheckpointer(tmp_path, async_save=False, restore_backoff_s=0) as c:
+        calls = _fail_first_calls_with(monkeypatch, manager, "_tree_metadata", 1,
+                                       FileNotFoundError(2, "No such file (injected)", "state/_METADATA"))
+        state, _, _ = c.restore(abstract_state=abstract_of(states[2]))
+        assert_trees_equal(state, states[2])
+        assert len(calls) == 2 and c.all_steps() == [1, 2]
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+
+
+def test_a_file_missing_twice_is_corruption_after_a_second_look(tmp_path, monkeypatch, caplog):
+    from embedder.checkpoint import manager
+
+    states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
+    (tmp_path / "checkpoints" / "2" / "data" / "metadata").unlink()
+    calls = _fail_first_calls_with(monkeypatch, manager, "_step_problem", 0, None)
+    with caplog.at_level(logging.WARNING), ckpt.TrainCheckpointer(
+            tmp_path, async_save=False, restore_backoff_s=0) as c:
+        state, _, _ = c.restore(abstract_state=abstract_of(states[1]))
+        assert_trees_equal(state, states[1])
+        assert c.all_steps() == [1]
+    assert calls.count("_step_problem") == 3   # step 2 twice (then moved aside), step 1 once
+    assert any("checkpoint step 2 looks unusable (missing file data/metadata); reading it again" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_programming_error_is_raised_at_once_and_moves_nothing(tmp_path, monkeypatch):
+    states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
+    with ckpt.TrainCheckpointer(tmp_path, async_save=False, restore_backoff_s=0) as c:
+        calls = _fail_first_calls_with(monkeypatch, c._manager, "restore", 100, TypeError("a bug (injected)"))
+        with pytest.raises(TypeError, match="a bug"):
+            c.restore(abstract_state=abstract_of(states[2]))
+        assert len(calls) == 1 and c.all_steps() == [1, 2]
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+
+
+@pytest.mark.parametrize("other_host", ["corrupt", "unreadable"])
+def test_every_host_takes_the_worst_verdict(tmp_path, monkeypatch, other_host):
+    """A step that reads fine here but that another host found corrupt is moved aside here too (the
+    hosts fall back together); one another host could not read stops this host as well."""
+    from embedder.checkpoint import manager
+    from embedder.checkpoint.read_faults import CheckpointReadError, StepCorrupt
+
+    worst = manager._VERDICTS[StepCorrupt if other_host == "corrupt" else CheckpointReadError]
+    seen = []
+    monkeypatch.setattr(manager, "_agreed_verdict", lambda v: seen.append(v) or (worst if not seen[1:] else v))
+    states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
+    with ckpt.TrainCheckpointer(tmp_path, async_save=False, restore_backoff_s=0) as c:
+        if other_host == "corrupt":
+            state, _, _ = c.restore(abstract_state=abstract_of(states[1]))
+            assert_trees_equal(state, states[1])
+            assert c.all_steps() == [1] and seen == [0, 0]
+        else:
+            with pytest.raises(CheckpointReadError, match="another host could not read checkpoint step 2"):
+                c.restore(abstract_state=abstract_of(states[2]))
+            assert c.all_steps() == [1, 2] and not (tmp_path / "checkpoints_corrupt").exists()
+
+
 def test_restore_onto_other_mesh(tmp_path):
     devices = jax.devices()
     assert len(devices) == 8

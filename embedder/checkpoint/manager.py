@@ -1,5 +1,6 @@
-"""Train checkpoints of a workdir (Orbax CheckpointManager): keep-last-N + best, corrupt-step fallback,
-retries of reads that fail without proof of corruption."""
+"""Train checkpoints of a workdir (Orbax CheckpointManager): keep-last-N + best, a fallback past a step
+proven corrupt (the same fault seen again after a back-off, decided by all hosts together), and
+retries of reads that fail with I/O errors."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from embedder.checkpoint.read_faults import CheckpointReadError, StepCorrupt, corruption, describe
+from embedder.checkpoint.read_faults import CheckpointReadError, StepCorrupt, corruption, describe, is_io_error
 from embedder.checkpoint.trees import (_TMP_MARKER, CHECKPOINTS_DIR, QUARANTINE_DIR, TRAIN_ITEMS,
                                         _check_same_tree, _read_json, _to_json_value, _tree_metadata)
 
@@ -43,6 +44,18 @@ def _step_problem(step_dir: pathlib.Path) -> str | None:
     if not (step_dir / "state" / "manifest.ocdbt").exists() and not any((step_dir / "state").glob("*.zarray")):
         return "array data of item 'state' is missing"
     return None
+
+
+_VERDICTS = {type(None): 0, StepCorrupt: 1, CheckpointReadError: 2}   # worse verdicts are larger
+
+
+def _agreed_verdict(verdict: int) -> int:
+    """The worst of every process's `verdict` (each process must call it, in the same order)."""
+    if jax.process_count() == 1:
+        return verdict
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([verdict], np.int32))))
 
 
 def _step_dirs(checkpoints: pathlib.Path) -> dict[int, pathlib.Path]:
@@ -186,9 +199,20 @@ class TrainCheckpointer:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
         skipped = []
         for candidate in steps:
+            # Every host reads, then all take the worst verdict: a fault one host saw (a shard of
+            # its own) moves the step aside, or stops the run, on every host alike.
+            failure = None
             try:
                 state, data_state, config = self._restore_step(candidate, abstract_state)
-            except StepCorrupt as e:
+            except (StepCorrupt, CheckpointReadError) as e:
+                failure = e
+            verdict = _agreed_verdict(_VERDICTS[type(failure)])
+            if verdict == _VERDICTS[CheckpointReadError]:
+                raise failure if isinstance(failure, CheckpointReadError) else CheckpointReadError(
+                    f"another host could not read checkpoint step {candidate} in {self.directory}; nothing "
+                    "was moved (its log says why)")
+            if verdict == _VERDICTS[StepCorrupt]:
+                e = failure or StepCorrupt("another host found it corrupt (its log says why)")
                 if step is not None:
                     raise ValueError(f"checkpoint step {candidate} in {self.directory} is unusable: {e}") from None
                 moved = self._quarantine(candidate)
@@ -226,15 +250,29 @@ class TrainCheckpointer:
         return restored.state, dict(restored.data or {}), dict(restored.config or {})
 
     def _retrying(self, step: int, read):
-        """`read()`, retried with backoff while its failures prove nothing about the step."""
+        """`read()`, retried with back-off while it fails with I/O errors. A failure that says the
+        step is corrupt (a missing or unparsable file, arrays that disagree with their metadata)
+        becomes `StepCorrupt` only when the read after a back-off fails the same way; any other
+        exception (a programming error) propagates at once, untried again."""
+        suspect = None
         for attempt in itertools.count(1):
             try:
                 return read()
-            except Exception as e:  # noqa: BLE001 - sorted into corrupt / maybe transient below
+            except Exception as e:  # noqa: BLE001 - sorted into corrupt / I/O / other below
                 problem = corruption(e)
+                if problem is None and not is_io_error(e):
+                    raise
                 if problem is not None:
-                    raise StepCorrupt(problem) from e
-                if attempt == self.restore_attempts:
+                    if problem == suspect or attempt > self.restore_attempts:
+                        raise StepCorrupt(problem) from e
+                    suspect = problem
+                    delay = self.restore_backoff_s * 2 ** (attempt - 1)
+                    log.warning("checkpoint step %d looks unusable (%s); reading it again in %.0f s before "
+                                "moving it aside", step, problem, delay)
+                    time.sleep(delay)
+                    continue
+                suspect = None
+                if attempt >= self.restore_attempts:
                     raise CheckpointReadError(
                         f"could not read checkpoint step {step} in {self.directory} after {attempt} "
                         f"attempts: {describe(e)}; nothing was moved. Fix the cause (storage, memory) "

@@ -8,6 +8,9 @@ import json
 # metadata declares (OUT_OF_RANGE) or fail to decode or checksum (DATA_LOSS). Other codes
 # (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...) may pass on a retry.
 _CORRUPT_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+# Codes of a store that did not answer properly: I/O errors, like OSError.
+_IO_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED", "INTERNAL",
+             "UNKNOWN")
 
 
 class StepCorrupt(Exception):
@@ -24,14 +27,26 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+def _code(exc: BaseException) -> str:
+    return str(exc).split(":", 1)[0].strip() if isinstance(exc, ValueError) else ""
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """Whether `exc` is an I/O failure that a retry may cure (OSError, or a store's transient
+    status); anything else raised while reading is a programming error and is never retried."""
+    return isinstance(exc, OSError) or _code(exc) in _IO_CODES
+
+
 def corruption(exc: BaseException) -> str | None:
-    """What `exc`, raised while reading a step, proves wrong with it; None when it may be transient."""
+    """What `exc`, raised while reading a step, says is wrong with it; None when it says nothing
+    about the step. A missing file may be a passing fault of a FUSE / NFS mount: the caller counts
+    it (as any of these) as proof only when a second read after a back-off finds the same."""
     if isinstance(exc, StepCorrupt):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
         return f"missing file {exc.filename or exc}"
     if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
         return f"unparsable file: {describe(exc)}"
-    if isinstance(exc, ValueError) and str(exc).split(":", 1)[0].strip() in _CORRUPT_CODES:
+    if _code(exc) in _CORRUPT_CODES:
         return f"array data does not match its metadata: {describe(exc)}"
     return None   # OSError (EIO, timeouts, stale handles), memory pressure, anything unproven
