@@ -59,6 +59,18 @@ def test_bad_line_strict_and_skip(tmp_path, reason, bad, gz):
     assert reason in log.summary()
 
 
+def test_bad_bytes_and_bad_json_are_named_by_character_column(tmp_path):
+    """Columns count characters from 1 (not bytes): `é` before the fault counts once."""
+    line = '{"query": "é", "positive": "caf'.encode() + b"\xe9" + b'"}'
+    path = _write(tmp_path / "u.jsonl", [line])
+    with pytest.raises(BadRecordError, match=r"bytes are not UTF-8 at column 32 "):
+        list(read_jsonl_pairs([path], BadRecordLog("strict"), max_text_chars=100))
+    assert len('{"query": "é", "positive": "caf') + 1 == 32
+    path = _write(tmp_path / "j.jsonl", ['{"query": "é", "positive" "p"}'.encode()])
+    with pytest.raises(BadRecordError, match=r"invalid JSON: Expecting ':' delimiter at column 27 "):
+        list(read_jsonl_pairs([path], BadRecordLog("strict"), max_text_chars=100))
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "blank_lines_only", "corrupt_gz", "directory"])
 def test_bad_files(tmp_path, case):
     path, reason = {

@@ -25,5 +25,16 @@ def test_bad_lines_raise_or_go_to_the_handler(tmp_path):
     seen = []
     rows = list(iter_jsonl(path, on_error=seen.append))
     assert rows == [(1, {"ok": True}), (4, {"ok": False})]
-    assert seen[0].endswith("bad.jsonl:2: not valid JSON (Expecting value)")
+    assert seen[0].endswith("bad.jsonl:2: not valid JSON (Expecting value at column 12)")   # just past the end of the line
     assert seen[1].endswith("bad.jsonl:3: expected a JSON object, got list")
+
+
+def test_the_column_of_a_json_error_counts_characters(tmp_path):
+    """Column 1 is the first character; multi-byte characters before the fault count once."""
+    path = tmp_path / "col.jsonl"
+    path.write_text('{"q": "日本語", x}\n', encoding="utf-8")
+    with pytest.raises(JsonlError) as e:
+        list(iter_jsonl(path))
+    assert str(e.value).endswith("col.jsonl:1: not valid JSON (Expecting property name enclosed in double quotes "
+                                 "at column 14)")
+    assert '{"q": "日本語", x}'.index("x") + 1 == 14

@@ -38,9 +38,11 @@ def iter_jsonl(path: str | os.PathLike, *,
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                # Without the newline: a fault at the end of the line is at its last column + 1,
+                # not at column 1 of a second line of the string.
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg})"
+                problem = f"not valid JSON ({e.msg} at column {e.colno})"   # colno: characters, from 1
             else:
                 if isinstance(obj, dict):
                     yield lineno, obj

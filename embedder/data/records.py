@@ -80,7 +80,8 @@ def _decode_json(path, lineno, raw, log):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        log.report(where, "not_utf8", f"bytes are not UTF-8 at column {e.start + 1} "
+        column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1   # characters, not bytes
+        log.report(where, "not_utf8", f"bytes are not UTF-8 at column {column} "
                    "(re-encode the file as UTF-8)")
         return None
     try:
