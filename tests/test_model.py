@@ -252,6 +252,17 @@ def test_attention_kernels_start_at_one_over_sqrt_fan_in(scan_layers):
         assert std == pytest.approx(fan_in ** -0.5, rel=0.03), (name, std)
 
 
+def _all_eqns(jaxpr):
+    """The equations of `jaxpr` and of every jaxpr nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
 def test_accumulating_einsum_rounds_once_and_its_gradients_too():
     """bf16 x bf16 summed in f32 and rounded once, forward and both gradients, against an f32
     einsum of the same bf16 values rounded the same way; bad equations are refused."""
@@ -268,6 +279,15 @@ def test_accumulating_einsum_rounds_once_and_its_gradients_too():
         dx, dw = vjp(ct)
         _, vjp32 = jax.vjp(lambda a, b: jnp.einsum(eqn, a, b), x.astype(jnp.float32), w.astype(jnp.float32))
         dx32, dw32 = vjp32(ct.astype(jnp.float32))
+        # Every dot, forward and backward, takes two bf16 operands and gives f32: what a plain bf16
+        # einsum (bf16 output) or a plain preferred_element_type (f32 x bf16 backward) does not.
+        jaxpr = jax.make_jaxpr(lambda a, b, c: jax.vjp(lambda p, q: accumulating_einsum(eqn, p, q), a, b)[1](c))(
+            x, w, ct)
+        dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        assert len(dots) == 3, dots   # the forward's and the backward's two
+        for e in dots:
+            assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16], e
+            assert e.outvars[0].aval.dtype == jnp.float32, e
         for got, want in ((y, y32), (dx, dx32), (dw, dw32)):
             assert got.dtype == jnp.bfloat16
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
