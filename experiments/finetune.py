@@ -53,7 +53,8 @@ def get_config(arg: str = ""):
 
     c = base_config()
     c.init_from = arg
-    c.model = ConfigDict(source_model.to_dict())
+    # Tuples, not lists: absl config flags override tuple fields (--config.model.mrl_dims='(768,512)').
+    c.model = ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in source_model.to_dict().items()})
     if not source_model.mrl_dims:
         c.model.mrl_dims = default_mrl_dims(source_model.embedding_dim)
     # An empty file: the trainer takes the source's whole tokenizer entry (kind, special tokens).

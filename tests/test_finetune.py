@@ -97,11 +97,13 @@ def test_print_config_lists_every_field_and_help_exits_0(tmp_path):
     source = _st_folder(tmp_path / "st")
     proc = subprocess.run([sys.executable, "-m", "embedder.train", "--config",
                            f"{REPO}/experiments/finetune.py:{source}", "--print_config",
-                           "--config.data.datasets=a.jsonl"], capture_output=True, text=True, cwd=REPO)
+                           "--config.data.datasets=a.jsonl", "--config.model.projection_dims=(16,)",
+                           "--config.model.mrl_dims=(16, 8)"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "--config.data.datasets=a.jsonl" in lines and "--config.data.num_negatives=-1" in lines
     assert f"--config.init_from={source}" in lines and "--config.model.family=bert" in lines
+    assert "--config.model.projection_dims=(16,)" in lines and "--config.model.mrl_dims=(16, 8)" in lines
     assert any(line.startswith("--config.loss.temperature=") for line in lines)
     helped = subprocess.run([sys.executable, "-m", "embedder.train", "--help"], capture_output=True, text=True,
                             cwd=REPO)

@@ -323,7 +323,8 @@ def test_missing_text_ids_with_mask_duplicates_is_an_error(missing):
                                   shardings, mesh)
             lowered = lambda: step.lower(state, sharding.host_to_global(batch, mesh), jax.random.key(1))  # noqa: E731
             if masked:
-                with pytest.raises(ValueError, match=f"train batch has no '{missing}': loss.mask_duplicates"):
+                ids = missing.replace("_hash", "_ids")   # the loss's argument the batch entry feeds
+                with pytest.raises(ValueError, match=f"mask_duplicates=True needs the text ids {ids}"):
                     lowered()
             else:
                 lowered()   # without the mask the hashes are not needed
