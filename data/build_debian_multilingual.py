@@ -322,7 +322,8 @@ def build_language_tasks(language: str, rows: list[Row], english_corpus: set[str
     # Bitext mining: translated synopsis -> its English synopsis among all of them.
     pairs = ordered[: limits.bitext_pairs]
     folder = out / f"debian_bitext_{tag}"
-    write_task_json(folder, "bitext_mining", f"DebianBitextMining.{language}", "bitext mining", language)
+    write_task_json(folder, "bitext_mining", f"DebianBitextMining.{language}", "sentence similarity",
+                    language)
     write_jsonl_gz(folder / "test.jsonl.gz", ({"sentence1": r.synopsis, "sentence2": r.en_synopsis,
                                                "package": r.package} for r in pairs))
     counts[folder.name] = {"pairs": len(pairs)}

@@ -9,6 +9,7 @@ MAIN_METRIC = {
     "sts": "spearman",
     "pair_classification": "ap",
     "reranking": "map",
+    "bitext_mining": "f1",  # MTEB's main score; `accuracy` is recall@1
 }
 
 

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from embedder.evaluate.bitext import evaluate_bitext_mining
 from embedder.evaluate.classification import evaluate_classification, evaluate_clustering
 from embedder.evaluate.pair_scoring import evaluate_pair_classification, evaluate_reranking, evaluate_sts
 from embedder.evaluate.retrieval_metrics import mean_metrics
@@ -97,6 +98,15 @@ def _run_pairs(task, dims, enc):
     return out, {"pairs": len(a)}
 
 
+def _run_bitext(task, dims, enc):
+    d = task.data
+    a = enc(d["sentence1"], role="query", task=task.prompt, desc=f"{task.name} sentence1")
+    b = enc(d["sentence2"], role="query", task=task.prompt, desc=f"{task.name} sentence2")
+    out = {dim: evaluate_bitext_mining(truncate_normalize(a, dim), truncate_normalize(b, dim))
+           for dim in _dims_or_full(dims, a.shape[1])}
+    return out, {"pairs": len(a)}
+
+
 def _run_reranking(task, dims, enc):
     d = task.data
     q = enc(d["queries"], role="query", task=task.prompt, desc=f"{task.name} queries")
@@ -163,6 +173,8 @@ def evaluate_task(encoder, task: Task | str | pathlib.Path, dims: Sequence[int] 
         scores, size = _run_clustering(task, dims, enc, seeds)
     elif task.type in ("sts", "pair_classification"):
         scores, size = _run_pairs(task, dims, enc)
+    elif task.type == "bitext_mining":
+        scores, size = _run_bitext(task, dims, enc)
     else:
         scores, size = _run_reranking(task, dims, enc)
     return {"type": task.type, "prompt": task.prompt, "size": size,

@@ -9,7 +9,9 @@ Layouts (every `.jsonl` may also be `.jsonl.gz`):
 - sts: `test.jsonl` (`sentence1`, `sentence2`, `score`);
 - pair_classification: `test.jsonl` (`sentence1`, `sentence2`, `label` in {0, 1});
 - reranking: `test.jsonl` (`query`, `positive`: [str], `negative`: [str]), as MTEB's
-  AskUbuntu / SciDocs reranking sets.
+  AskUbuntu / SciDocs reranking sets;
+- bitext_mining: `test.jsonl` (`sentence1`, `sentence2`: row i's sentence2 translates its
+  sentence1), as MTEB's bitext mining sets.
 
 An optional `task.json` holds `{"type", "name", "prompt"}`; without it the type is
 inferred from the files, the name is the folder name and the prompt is the default
@@ -25,7 +27,8 @@ from typing import Any
 
 from embedder.data.jsonl import iter_jsonl
 
-TASK_TYPES = ("retrieval", "classification", "clustering", "sts", "pair_classification", "reranking")
+TASK_TYPES = ("retrieval", "classification", "clustering", "sts", "pair_classification", "reranking",
+              "bitext_mining")
 
 # EmbeddingGemma task strings ("task: {prompt} | query: ...") used when task.json names none.
 DEFAULT_PROMPTS = {
@@ -35,6 +38,7 @@ DEFAULT_PROMPTS = {
     "sts": "sentence similarity",
     "pair_classification": "sentence similarity",
     "reranking": "search result",
+    "bitext_mining": "sentence similarity",  # as mteb_adapter.TASK_TYPE_PROMPTS["BitextMining"]
 }
 
 
@@ -117,7 +121,9 @@ def infer_task_type(directory: pathlib.Path) -> str:
     if {"query", "positive", "negative"} <= keys:
         return "reranking"
     if {"sentence1", "sentence2"} <= keys:
-        return "sts" if "score" in keys else "pair_classification"
+        if "score" in keys:
+            return "sts"
+        return "pair_classification" if keys & {"label", "labels"} else "bitext_mining"
     if {"text", "label"} <= keys:
         return "clustering"
     raise TaskFormatError(f"{test}: cannot tell the task type from fields {sorted(keys)}; add task.json with a 'type'")
@@ -182,6 +188,14 @@ def _load_pairs(path: pathlib.Path, target: str) -> dict:
             "scores" if target == "score" else "labels": values}
 
 
+def _load_bitext(path: pathlib.Path) -> dict:
+    records = read_jsonl(path)
+    _require(records, path, ("sentence1", "sentence2"))
+    if not records:
+        raise TaskFormatError(f"{path}: no sentence pairs")
+    return {"sentence1": [r["sentence1"] for r in records], "sentence2": [r["sentence2"] for r in records]}
+
+
 def _load_reranking(path: pathlib.Path) -> dict:
     records = read_jsonl(path)
     _require(records, path, ("query", "positive", "negative"))
@@ -219,6 +233,8 @@ def load_task(path) -> Task:
         data = _load_pairs(_need(directory, "test"), "score")
     elif task_type == "pair_classification":
         data = _load_pairs(_need(directory, "test"), "label")
+    elif task_type == "bitext_mining":
+        data = _load_bitext(_need(directory, "test"))
     else:
         data = _load_reranking(_need(directory, "test"))
     name = meta.get("name") or directory.name
