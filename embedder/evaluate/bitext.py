@@ -39,7 +39,14 @@ def evaluate_bitext_mining(emb1: np.ndarray, emb2: np.ndarray, k: int = 10) -> d
     if n == 0 or len(emb2) != n:
         raise ValueError(f"bitext mining needs aligned, non-empty sides; got {len(emb1)} and {len(emb2)} rows")
     _, idx = exact_top_k(np.asarray(emb1, np.float32), np.asarray(emb2, np.float32), min(k, n))
-    gold = np.arange(n)
+    return bitext_scores(idx, k)
+
+
+def bitext_scores(ranked: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Bitext scores of `ranked[i]`: sentence2 indices, best first, found for sentence1 i (any
+    search: embeddings or BM25); row i's gold is i."""
+    idx = np.asarray(ranked)[:, :k]
+    gold = np.arange(len(idx))
     hit = idx == gold[:, None]
     rank = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
     found = rank >= 0

