@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedder.losses import matryoshka_nce
+from embedder.losses import LOSS_FUNCTIONS, matryoshka_nce, options_for
 from embedder.train.config import base_config, loss_options
 
 RTOL = 1e-5
@@ -339,17 +339,21 @@ def test_bad_inputs_explain_the_fix():
 
 
 def test_options_from_config():
-    """The train config's `loss` entry is `matryoshka_nce`'s keyword arguments, passed as `**config.loss`."""
+    """The train config's `loss` entry is the loss functions' keyword arguments (`matryoshka_nce`'s and the
+    distillation losses'); each takes its own (`options_for`)."""
     cfg = base_config().loss
     cfg.update({"dims": (8, 32), "global_hard_negatives": True, "same_tower": True, "hardness_alpha": 5.0})
     b = random_batch(11)
     want, _ = reference_loss(b["q"], b["p"], b["n"], **_args(b), dims=(8, 32), temperature=0.05,
                              global_hard_negatives=True, same_tower=True, hardness_alpha=5.0)
     for opts in (cfg, loss_options(cfg)):
-        got, _ = _call(b["q"], b["p"], b["n"], **_args(b), **opts)
+        got, _ = _call(b["q"], b["p"], b["n"], **_args(b), **options_for(matryoshka_nce, dict(opts)))
         assert _rel(got, want) <= RTOL
-    assert set(cfg) == set(inspect.signature(matryoshka_nce).parameters) - {
+    assert set(options_for(matryoshka_nce, dict(cfg))) == set(inspect.signature(matryoshka_nce).parameters) - {
         "query", "positive", "negatives", "query_ids", "positive_ids", "negative_ids", "negatives_mask"}
+    keyword_only = {name for fn in LOSS_FUNCTIONS for name, prm in inspect.signature(fn).parameters.items()
+                    if prm.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(cfg) == keyword_only
     with pytest.raises(ValueError, match=r"unknown loss option\(s\) \['temprature'\].*valid: .*'temperature'"):
         loss_options({"dims": (8,), "temprature": 0.1})
 

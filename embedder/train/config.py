@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from embedder.data.data_config import default_data_config
-from embedder.losses import matryoshka_nce
+from embedder.losses import LOSS_FUNCTIONS
 from embedder.model.config import get_model_config
 
 ConfigDict = ml_collections.ConfigDict
@@ -23,9 +23,19 @@ def model_config_dict(name: str, **overrides) -> ConfigDict:
 
 
 def loss_defaults() -> dict[str, Any]:
-    """The loss options and their defaults: `matryoshka_nce`'s keyword-only arguments."""
-    return {name: p.default for name, p in inspect.signature(matryoshka_nce).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """The loss options and their defaults: the keyword-only arguments of the step's loss functions
+    (`losses.LOSS_FUNCTIONS`: `matryoshka_nce` and the distillation losses); an option several
+    take (`dims`, `dim_weights`, `mask_duplicates`) is one option, given to each."""
+    out: dict[str, Any] = {}
+    for fn in LOSS_FUNCTIONS:
+        for name, p in inspect.signature(fn).parameters.items():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if name in out and out[name] != p.default:
+                raise TypeError(f"loss option {name!r} has defaults {out[name]!r} and {p.default!r} in two "
+                                f"loss functions ({fn.__name__}); shared options need one default")
+            out.setdefault(name, p.default)
+    return out
 
 
 def loss_options(loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,8 +70,9 @@ def base_config() -> ConfigDict:
     c.prompts = ConfigDict({"query": "task: {task} | query: {text}",
                             "document": "title: {title} | text: {text}"})
 
-    # matryoshka_nce's keyword arguments, its defaults (embedder/losses.py documents them);
-    # loss.dims empty: the model's own model.mrl_dims.
+    # The loss functions' keyword arguments, their defaults (embedder/losses.py documents them):
+    # matryoshka_nce's, and distill_* for distillation from a teacher (data.teacher names its
+    # signals); loss.dims empty: the model's own model.mrl_dims.
     c.loss = ConfigDict(loss_defaults())
 
     c.optimizer = ConfigDict({
@@ -119,6 +130,15 @@ def check_config(config) -> None:
          f"(a value >= total_steps saves only at the end)")
     need(int(config.eval.every_steps) >= 0,
          f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: evaluate only at the end)")
+    distilling = float(config.loss.get("distill_embedding_weight", 0.0)) > 0 or \
+        float(config.loss.get("distill_score_weight", 0.0)) > 0
+    teacher = str(config.data.get("teacher", "") or "")
+    need(not distilling or teacher,
+         "config.loss.distill_embedding_weight / distill_score_weight > 0 need the teacher's signals: set "
+         "--config.data.teacher=SIGNALS (written by `python -m embedder.distill teacher`)")
+    need(distilling or not teacher,
+         f"config.data.teacher={teacher} is set but no distillation loss is on: set "
+         "--config.loss.distill_embedding_weight and/or --config.loss.distill_score_weight > 0, or drop data.teacher")
     warmup = int(config.optimizer.warmup_steps)
     # An error rather than a silent clamp: a clamped warmup changes the schedule of every step.
     need(0 <= warmup <= total,
