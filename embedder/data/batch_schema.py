@@ -15,6 +15,9 @@ PACKED_INPUTS = ("packed_ids", "packed_sequence_ids", "packed_positions")
 TOKEN_IDS = ("query_ids", "positive_ids", "negative_ids", "packed_ids")
 # The text-identity hashes `loss.mask_duplicates` compares ([B, 2] / [B, K, 2] uint32).
 TEXT_HASHES = ("query_hash", "positive_hash", "negative_hash")
+# A teacher's signals joined to each row (`data.teacher`; `embedder.distill.signals`), float32:
+# teacher_query / teacher_positive [B, Dt], teacher_negative [B, K, Dt], teacher_scores [B, 1 + K].
+TEACHER_SIGNALS = ("teacher_query", "teacher_positive", "teacher_negative", "teacher_scores")
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:

@@ -40,6 +40,10 @@
                         1/16 over; with several processes every host takes the row count
                         of the fullest host's slice), so the step compiles for a few more shapes.
                         With grad_cache_chunks > 1 the chunks split the packed rows.
+    teacher             a teacher's signals directory (`python -m embedder.distill teacher`), joined to
+                        every row by its texts' keys (`embedder.distill.signals`): adds teacher_query,
+                        teacher_positive, teacher_negative and/or teacher_scores to each batch for the
+                        loss.distill_* options; "" (default): no teacher
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle = True
     c.prefetch = 2
     c.packing = False
+    c.teacher = ""
     return c
 
 

@@ -128,6 +128,13 @@ class TrainIterator:
             total.update(counts)
         self.skip_counts = dict(total)
         self.prefetch = int(data_config.prefetch)
+        # A teacher's stored signals, joined to each row by its texts' keys (embedder.distill.signals).
+        teacher = str(data_config.get("teacher", "") or "")
+        if teacher:
+            from embedder.distill.signals import TeacherSignals
+            self.teacher = TeacherSignals(teacher)
+        else:
+            self.teacher = None
         self._step = 0
         self._consumed = np.zeros(len(entries), np.int64)
         self._worker = None
@@ -215,6 +222,7 @@ class TrainIterator:
         q_tok = self.tokenizer.encode(queries, self.query_max_length, q_prefix)
         doc_texts, doc_prefix = list(positives), list(d_prefix)
         batch = {}
+        kept_negatives = [[] for _ in records]
         if self.num_negatives:
             k = self.num_negatives
             valid = np.zeros((len(rows), k), bool)
@@ -222,6 +230,7 @@ class TrainIterator:
             empty_prefix = self.prompts.document_prefix(None)
             for i, (r, (d, pos)) in enumerate(zip(records, rows)):
                 negs = [r["negatives"][j] for j in self.negative_picks(len(r["negatives"]), d, pos)]
+                kept_negatives[i] = negs
                 valid[i, :len(negs)] = True
                 if negs:
                     neg_hash[i, :len(negs)] = text_ids(negs)
@@ -250,6 +259,10 @@ class TrainIterator:
         batch["query_hash"] = text_ids(queries)
         batch["positive_hash"] = text_ids(positives)
         batch["dataset"] = np.array(datasets, np.int32)
+        if self.teacher is not None:
+            tasks = [r["task"] or self.entries[d]["task"] for r, d in zip(records, datasets)]
+            batch.update(self.teacher.join(queries, tasks, positives, [r["title"] or None for r in records],
+                                           kept_negatives, self.num_negatives))
         return batch
 
     def _produce(self, step, consumed):

@@ -32,3 +32,14 @@ def text_ids(texts: Sequence[str]) -> np.ndarray:
     for i, t in enumerate(texts):
         out[i] = text_id(t)
     return out
+
+
+def keyed_text_ids(contexts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+    """`[N, 2] uint32` ids of `(context, text)` pairs, both normalised: the same text in another
+    context (a query under another task, a document under another title) gets another id."""
+    out = np.zeros((len(texts), 2), dtype=np.uint32)
+    for i, (c, t) in enumerate(zip(contexts, texts)):
+        digest = hashlib.blake2b((normalise_text(c) + "\x00" + normalise_text(t)).encode("utf-8"),
+                                 digest_size=8).digest()
+        out[i] = int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:], "big")
+    return out
