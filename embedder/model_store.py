@@ -1,6 +1,7 @@
 """The one model store: any saved model - workdir, checkpoint step, export, soup, Hugging Face /
 sentence-transformers folder, GGUF file - located and read as `(params, spec)`, in the layer
-layout a config asks for. `init_from`, `Embedder.load`, soups and `convert` all load here."""
+layout a config asks for. `init_from`, `Embedder.load`, soups and `convert` all load here.
+A train step's params come without what only training uses (distillation's teacher projection)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ from embedder.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, MODEL_SPEC_FILE, 
 from embedder.convert.from_gguf import is_gguf_file, read_gguf
 from embedder.convert.from_hf import is_hf_folder, read_hf_folder
 from embedder.model.config import ModelConfig
+from embedder.model.heads import TEACHER_PROJECTION, model_params
 from embedder.model.layer_stack import match_layer_layout
 
 
@@ -122,7 +124,7 @@ def load_located(loc: ModelLocation, shardings=None):
         return (model.params if shardings is None else jax.device_put(model.params, shardings)), model.spec
     spec = load_spec(loc)
     array_dir, subtree = loc.array_dir()
-    return read_params(array_dir, subtree, shardings), spec
+    return read_params(array_dir, subtree, shardings, leave_out=(TEACHER_PROJECTION,)), spec
 
 
 def load_model(path, *, config: ModelConfig | None = None, best_metric: str | None = None,
@@ -153,7 +155,7 @@ def param_tree_metadata(path_or_location):
     loc = path_or_location if isinstance(path_or_location, ModelLocation) else locate_model(path_or_location)
     if loc.converted:
         return _read_converted(loc, shapes_only=True).params
-    return params_metadata(*loc.array_dir())
+    return model_params(params_metadata(*loc.array_dir()))
 
 
 def param_metadata(path_or_location) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from collections.abc import Mapping
 
 from embedder.checkpoint.exports import absolute_tokenizer
 from embedder.checkpoint.manager import _best_step, _step_dirs, _step_metrics, _step_problem
@@ -69,7 +70,11 @@ def params_metadata(array_dir: pathlib.Path, subtree: str | None = None):
     return tree[subtree] if subtree else tree
 
 
-def read_params(array_dir: pathlib.Path, subtree: str | None = None, shardings=None):
+def read_params(array_dir: pathlib.Path, subtree: str | None = None, shardings=None, leave_out=()):
     """The arrays of an Orbax array directory (or its `subtree` key): host numpy arrays, or placed
-    on `shardings` (a matching tree, or one Sharding for every leaf)."""
-    return restore_tree(array_dir, _tree_metadata(array_dir), shardings, subtree=subtree)
+    on `shardings` (a matching tree, or one Sharding for every leaf). `leave_out`: top-level keys
+    of the params not to read (with `subtree` only: a partial restore)."""
+    tree = _tree_metadata(array_dir)
+    if subtree and leave_out and isinstance(tree, Mapping) and isinstance(tree.get(subtree), Mapping):
+        tree = dict(tree, **{subtree: {k: v for k, v in tree[subtree].items() if k not in leave_out}})
+    return restore_tree(array_dir, tree, shardings, subtree=subtree)

@@ -45,3 +45,28 @@ class ProjectionHead(nn.Module):
             x = Einsum((x.shape[-1], out_dim), (in_axis, "proj"), jnp.float32, self.param_dtype,
                        name=f"projection_{i}")("BD,DE->BE", x)
         return x
+
+
+# The train params' entry of the learned student -> teacher map of embedding distillation: trained
+# beside the model, not part of it (exports, soups and the model store leave it out).
+TEACHER_PROJECTION = "teacher_projection"
+
+
+class TeacherProjection(nn.Module):
+    """Bias-free `[D] -> [teacher_dim]` map of unit student embeddings onto a teacher's width
+    (`losses.embedding_distillation`'s `projection`: `params["w"]`)."""
+
+    teacher_dim: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return Einsum((x.shape[-1], self.teacher_dim), ("proj_in", "proj"), jnp.float32, self.param_dtype,
+                      name="projection")("BD,DE->BE", x)
+
+
+def model_params(params):
+    """The model's own parameters of a train params tree (without `TEACHER_PROJECTION`)."""
+    if isinstance(params, dict) and TEACHER_PROJECTION in params:
+        return {k: v for k, v in params.items() if k != TEACHER_PROJECTION}
+    return params

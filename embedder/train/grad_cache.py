@@ -50,8 +50,13 @@ def cached_value_and_grad(
     rng: jax.Array,
     chunks: int,
     combine: str = "rows",
+    loss_params: Any = None,
 ):
     """`((loss, metrics), grads)` equal to `value_and_grad` of `loss_fn(embed_fn(params, batch, rng))`.
+
+    With `loss_params` (parameters the loss itself trains, e.g. distillation's student -> teacher
+    map), `loss_fn(embeddings, loss_params)` and the result is `((loss, metrics), (grads,
+    loss_param_grads))`: those gradients come straight from the full-batch loss.
 
     `embed_fn(params, batch_chunk, rng) -> dict of [rows, ...] embeddings` must treat
     rows independently (true for an encoder); `loss_fn(embeddings) -> (loss, metrics)`
@@ -86,7 +91,11 @@ def cached_value_and_grad(
     else:
         _, embeddings = jax.lax.scan(forward, None, (index, chunked))
         full = jax.tree.map(merge_chunks, embeddings)
-    (loss, metrics), emb_grads = jax.value_and_grad(loss_fn, has_aux=True)(full)
+    if loss_params is None:
+        (loss, metrics), emb_grads = jax.value_and_grad(loss_fn, has_aux=True)(full)
+    else:
+        (loss, metrics), (emb_grads, loss_param_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(full, loss_params)
     if combine == "sum":  # every chunk pulls back the whole cotangent (zero where it has no rows)
         chunk_grads = jax.tree.map(lambda g: jnp.broadcast_to(g, (chunks,) + g.shape), emb_grads)
     else:
@@ -104,4 +113,6 @@ def cached_value_and_grad(
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype(p)), params)
     grads, _ = jax.lax.scan(backward, zeros, (index, chunked, chunk_grads))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return (loss, metrics), grads
+    if loss_params is None:
+        return (loss, metrics), grads
+    return (loss, metrics), (grads, loss_param_grads)

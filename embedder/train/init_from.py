@@ -18,8 +18,9 @@ from embedder.model_store import load_model, load_spec, locate_model
 
 log = logging.getLogger("embedder.train")
 
-# What a run may add on top of a source model: the projection head's parameters.
-FRESH_PREFIXES = ("head/",)
+# What a run may add on top of a source model: the projection head's parameters, and
+# distillation's student -> teacher map (`model.heads.TEACHER_PROJECTION`).
+FRESH_PREFIXES = ("head/", "teacher_projection/")
 # Config fields whose difference the parameter shapes already show or that the run may change.
 _SHAPE_OR_RUN_FIELDS = set(RUN_FIELDS) | {"projection_dims", "param_dtype"}
 

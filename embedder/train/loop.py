@@ -29,6 +29,7 @@ from embedder.inference import Embedder
 from embedder.train.config import ConfigError, check_config, config_to_json, model_spec  # noqa: F401
 from embedder.train.init_from import load_init_params, saved_tokenizer, source_tokenizer
 from embedder.train.preemption import Preemption
+from embedder.model.heads import model_params
 from embedder.train.setup import build_run
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
@@ -267,7 +268,7 @@ class Trainer:
         if not tasks:
             return {}
         dims = tuple(self.config.eval.dims) or self.model.config.matryoshka_dims
-        encoder = Embedder(self.state.params, self.spec, tokenizer=self.tokenizer)
+        encoder = Embedder(model_params(self.state.params), self.spec, tokenizer=self.tokenizer)
         t0 = time.time()
         results = evaluate_tasks(encoder, tasks, dims=dims, batch_size=self.config.eval.batch_size,
                                  max_queries=self.config.eval.max_queries or None)
@@ -404,7 +405,7 @@ class Trainer:
             self._last_eval = self.evaluate(step, writer)
         if self.config.checkpoint.export_params:
             # Every process takes part (Orbax synchronises); process 0 writes the JSON.
-            save_params(self.workdir / "export", self.state.params, self.spec, overwrite=True,
+            save_params(self.workdir / "export", model_params(self.state.params), self.spec, overwrite=True,
                         tokenizer_file=self.tokenizer_source)
         self._plots()
 

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from embedder import sharding
 from embedder.data.batch_schema import PACKED_INPUTS, is_packed
+from embedder.model.heads import TEACHER_PROJECTION, TeacherProjection
 
 
 @flax.struct.dataclass
@@ -33,23 +34,31 @@ def _query_length(example_batch_shapes: Mapping[str, Any]) -> int:
     return int(shape[-1])
 
 
-def _boxed_init_fn(model, length: int):
+def _boxed_init_fn(model, length: int, teacher_dim: int = 0):
     # Parameters do not depend on the batch size, so one row is enough to trace init.
+    # `teacher_dim` > 0 adds the learned student -> teacher map of embedding distillation.
     def init(rng):
         ids = jnp.zeros((1, length), jnp.int32)
-        return model.init({"params": rng, "dropout": rng}, ids, jnp.ones_like(ids))["params"]
+        params = model.init({"params": rng, "dropout": rng}, ids, jnp.ones_like(ids))["params"]
+        if teacher_dim:
+            width = jax.eval_shape(lambda p: model.apply({"params": p}, ids, jnp.ones_like(ids)), params).shape[-1]
+            projection = TeacherProjection(int(teacher_dim))
+            params = dict(params, **{TEACHER_PROJECTION: projection.init(
+                jax.random.fold_in(rng, 1), jnp.zeros((1, width), jnp.float32))["params"]})
+        return params
 
     return init
 
 
 def state_shardings_for(model, optimizer: optax.GradientTransformation, mesh: Mesh, rules,
-                        example_batch_shapes: Mapping[str, Any]):
-    """(abstract TrainState, TrainState of NamedShardings); nothing is allocated.
+                        example_batch_shapes: Mapping[str, Any], teacher_dim: int = 0):
+    """(abstract TrainState, TrainState of NamedShardings); nothing is allocated. `teacher_dim` > 0:
+    the params also hold a `[D, teacher_dim]` student -> teacher map (`TEACHER_PROJECTION`).
 
     Parameters follow their logical axis names; optimizer slots that mirror a
     parameter (Adam moments) take its sharding, everything else is replicated.
     """
-    init = _boxed_init_fn(model, _query_length(example_batch_shapes))
+    init = _boxed_init_fn(model, _query_length(example_batch_shapes), teacher_dim)
     boxed = jax.eval_shape(init, jax.random.key(0))
     param_sh = sharding.param_shardings(boxed, mesh, rules)
     params = nn.meta.unbox(boxed)
@@ -63,13 +72,14 @@ def state_shardings_for(model, optimizer: optax.GradientTransformation, mesh: Me
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, rng, mesh: Mesh, rules,
-                       example_batch_shapes: Mapping[str, Any], shardings: TrainState | None = None):
+                       example_batch_shapes: Mapping[str, Any], shardings: TrainState | None = None,
+                       teacher_dim: int = 0):
     """Initialises `TrainState` directly into its shardings (`jax.jit(init, out_shardings=...)`),
     so no device ever holds the full unsharded parameters. Returns `(state, state_shardings)`;
     `shardings`: those of `state_shardings_for`, when already known."""
     if shardings is None:
-        _, shardings = state_shardings_for(model, optimizer, mesh, rules, example_batch_shapes)
-    init_params = _boxed_init_fn(model, _query_length(example_batch_shapes))
+        _, shardings = state_shardings_for(model, optimizer, mesh, rules, example_batch_shapes, teacher_dim)
+    init_params = _boxed_init_fn(model, _query_length(example_batch_shapes), teacher_dim)
 
     def init(rng):
         with nn.logical_axis_rules(rules):

@@ -18,7 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder import sharding
 from embedder.data.batch_schema import encoder_inputs, is_packed
-from embedder.losses import matryoshka_nce
+from embedder.losses import (embedding_distillation, matryoshka_nce, options_for, score_distillation,
+                             teacher_candidate_scores)
+from embedder.model.heads import TEACHER_PROJECTION, model_params
 from embedder.train.config import loss_options
 from embedder.train.grad_cache import cached_value_and_grad
 from embedder.train.optim import frozen_labels
@@ -67,17 +69,45 @@ def embed_batch(model, params, batch: Mapping[str, jax.Array], rng: jax.Array,
 
 
 def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-               options: Mapping[str, Any]) -> tuple[jax.Array, dict]:
-    """Matryoshka NCE of a batch's embeddings, with its text-identity hashes and negative validity;
-    `options`: every loss option (`config.loss_options`)."""
+               options: Mapping[str, Any], projection: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """The loss of a batch's embeddings, with its text-identity hashes and negative validity;
+    `options`: every loss option (`config.loss_options`). Matryoshka NCE, plus embedding and
+    score distillation when their weights are on, from the teacher entries of the batch
+    (`teacher_query`, `teacher_positive`, `teacher_negative`, `teacher_scores`); `projection`:
+    the learned student -> teacher map (`params[TEACHER_PROJECTION]`), when the widths differ.
+    Metrics: `nce` and each distillation term; `loss` is the total."""
     negatives = embeddings.get("negative")
     # With loss.mask_duplicates, matryoshka_nce refuses a batch without the text-identity hashes.
-    return matryoshka_nce(
-        embeddings["query"], embeddings["positive"], negatives, query_ids=batch.get("query_hash"),
-        positive_ids=batch.get("positive_hash"),
-        negative_ids=batch.get("negative_hash") if negatives is not None else None,
-        negatives_mask=batch.get("negatives_valid") if negatives is not None else None,
-        **options)
+    ids = dict(query_ids=batch.get("query_hash"), positive_ids=batch.get("positive_hash"),
+               negative_ids=batch.get("negative_hash") if negatives is not None else None,
+               negatives_mask=batch.get("negatives_valid") if negatives is not None else None)
+    loss, metrics = matryoshka_nce(embeddings["query"], embeddings["positive"], negatives, **ids,
+                                   **options_for(matryoshka_nce, options))
+    metrics = dict(metrics, nce=loss)
+    if options.get("distill_embedding_weight", 0.0):
+        if "teacher_query" not in batch:
+            raise ValueError("loss.distill_embedding_weight > 0 needs the teacher's embeddings in the batch: "
+                             "set data.teacher to signals stored with embeddings (--store embeddings)")
+        part, terms = embedding_distillation(
+            embeddings["query"], embeddings["positive"], negatives, batch["teacher_query"],
+            batch["teacher_positive"], batch.get("teacher_negative") if negatives is not None else None,
+            ids["negatives_mask"], projection, **options_for(embedding_distillation, options))
+        loss, metrics = loss + part, dict(metrics, **terms)
+    if options.get("distill_score_weight", 0.0):
+        if "teacher_query" not in batch and "teacher_scores" not in batch:
+            raise ValueError("loss.distill_score_weight > 0 needs the teacher's embeddings or scores in the batch: "
+                             "set data.teacher to the signals of `python -m embedder.distill teacher`")
+        with_embeddings = "teacher_query" in batch
+        scores, keep = teacher_candidate_scores(
+            batch.get("teacher_query"), batch.get("teacher_positive"),
+            batch.get("teacher_negative") if with_embeddings and negatives is not None else None,
+            None if with_embeddings else batch["teacher_scores"], **ids,
+            **options_for(teacher_candidate_scores, options))
+        part, terms = score_distillation(embeddings["query"], embeddings["positive"], negatives, scores, keep,
+                                         **options_for(score_distillation, options))
+        loss, metrics = loss + part, dict(metrics, **terms)
+    metrics["loss"] = loss
+    return loss, metrics
 
 
 def stop_frozen_gradients(params, frozen: Sequence[str]):
@@ -105,22 +135,36 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequ
         return embed_batch(model, stop_frozen_gradients(params, frozen), batch, rng)
 
     def loss_of_embeddings(batch):
-        return lambda emb: batch_loss(emb, batch, options)
+        # loss_params: what the loss itself trains ({} or the student -> teacher map's params).
+        def loss(emb, loss_params):
+            projection = loss_params[TEACHER_PROJECTION]["projection"]["w"] if loss_params else None
+            return batch_loss(emb, batch, options, projection)
+        return loss
+
+    def split(params):
+        loss_params = {TEACHER_PROJECTION: params[TEACHER_PROJECTION]} if TEACHER_PROJECTION in params else {}
+        return model_params(params), stop_frozen_gradients(loss_params, frozen)
 
     if chunks <= 1:
         def grad_fn(params, batch, rng):
             def loss_fn(prm):
-                return loss_of_embeddings(batch)(embed(prm, batch, rng))
+                encoder, loss_params = split(prm)
+                return loss_of_embeddings(batch)(embed(encoder, batch, rng), loss_params)
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
     else:
         def grad_fn(params, batch, rng):
+            encoder, loss_params = split(params)
             if is_packed(batch):  # chunks of packed rows; each chunk embeds all sequences, zero elsewhere
                 shape_carrier = {"negatives_valid": batch["negatives_valid"]}
-                return cached_value_and_grad(
+                value, (grads, loss_grads) = cached_value_and_grad(
                     lambda prm, chunk, key: embed(prm, dict(chunk, **shape_carrier), key),
-                    loss_of_embeddings(batch), params, encoder_inputs(batch), rng, chunks, combine="sum")
-            return cached_value_and_grad(embed, loss_of_embeddings(batch), params, encoder_inputs(batch), rng,
-                                         chunks)
+                    loss_of_embeddings(batch), encoder, encoder_inputs(batch), rng, chunks, combine="sum",
+                    loss_params=loss_params)
+            else:
+                value, (grads, loss_grads) = cached_value_and_grad(
+                    embed, loss_of_embeddings(batch), encoder, encoder_inputs(batch), rng, chunks,
+                    loss_params=loss_params)
+            return value, dict(grads, **loss_grads) if loss_grads else grads
     return grad_fn
 
 
