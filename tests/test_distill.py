@@ -358,3 +358,14 @@ def test_teacher_pass_resumes_and_never_overwrites_other_signals(tmp_path):
     assert again.calls == 0                          # complete: nothing to do
     with pytest.raises(SignalsError, match="another pass"):
         run_teacher(HashTeacher(), [str(data)], out, store="both", quiet=True)
+
+
+def test_compile_only_batch_carries_the_teacher_entries(signals):
+    from embedder.data.abstract_batch import global_batch_shapes
+
+    _, _, out = signals
+    c = base_config()
+    c.batch_size, c.data.num_negatives, c.data.teacher = 16, 2, str(out)
+    shapes = global_batch_shapes(c)
+    assert shapes["teacher_query"].shape == (16, 12) and shapes["teacher_negative"].shape == (16, 2, 12)
+    assert shapes["teacher_scores"].shape == (16, 3)

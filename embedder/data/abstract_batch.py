@@ -37,6 +37,17 @@ def global_batch_shapes(config, row_multiple: int = 8) -> dict[str, ArraySpec]:
             "negative_ids": ((b, k, ld), i32), "negative_mask": ((b, k, ld), i32),
             "negatives_valid": ((b, k), np.dtype(bool)), "negative_hash": ((b, k, 2), u32),
         })
+    if d.get("teacher", ""):   # the teacher entries the signals join (embedder.distill.signals)
+        from embedder.distill.signals import read_manifest
+
+        manifest = read_manifest(d.teacher)
+        f32, width = np.dtype(np.float32), int(manifest["width"])
+        if manifest["store"] in ("embeddings", "both"):
+            shapes.update({"teacher_query": ((b, width), f32), "teacher_positive": ((b, width), f32)})
+            if k:
+                shapes["teacher_negative"] = ((b, k, width), f32)
+        if manifest["store"] in ("scores", "both"):
+            shapes["teacher_scores"] = ((b, 1 + k), f32)
     if d.get("packing", False):
         shapes = packed_batch_shapes(shapes, query_length=lq, document_length=ld, row_multiple=row_multiple)
     return {name: ArraySpec(tuple(shape), dtype) for name, (shape, dtype) in shapes.items()}
