@@ -18,6 +18,7 @@ from embedder.data.prompts import Prompts
 from embedder.data.tokenizer import length_buckets, load_tokenizer, pad_batch
 from embedder.model import EmbeddingModel, ModelConfig
 from embedder.model.layer_stack import match_layer_layout
+from embedder.model.quant import split_int8_kernels
 from embedder.model_store import load_model
 from embedder.mrl import truncate_normalize
 
@@ -43,6 +44,16 @@ def _jitted_apply(config: ModelConfig, platform: str):
 def _jitted_apply_with(config: ModelConfig, options: tuple):
     model = EmbeddingModel(config)
     return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask), compiler_options=dict(options))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_int8_apply(config: ModelConfig, platform: str):
+    """The forward with int8 kernels (`Embedder(quantized_compute="int8")`): its variables are
+    `quant.split_int8_kernels`' and its dots s8 x s8 -> s32, which XLA:CPU gives YNNPACK (the
+    options of a narrow compute dtype)."""
+    model = EmbeddingModel(config)
+    options = xla_cpu_flags.compiler_options("int8", platform)
+    return jax.jit(lambda v, ids, mask: model.apply(v, ids, mask), compiler_options=options)
 
 
 def precast_params(model: EmbeddingModel, params, dtype):
@@ -76,13 +87,23 @@ class Embedder:
     """A model, its tokenizer and prompts; `encode` runs on all local devices."""
 
     def __init__(self, params, spec: dict, *, tokenizer=None, base_dir=None,
-                 config_overrides: dict | None = None):
+                 config_overrides: dict | None = None, quantized_compute: str = ""):
         """`config_overrides` change how the model runs, not what it is, e.g.
-        `{"dtype": "bfloat16", "attention_impl": "dot_product_attention"}`."""
+        `{"dtype": "bfloat16", "attention_impl": "dot_product_attention"}`.
+
+        `quantized_compute="int8"` runs every projection in integers (`einsum.int8_einsum`: int8
+        weights, one scale per output channel, quantised at load; activations quantised per token;
+        s8 x s8 -> s32 dots); attention scores, norms and the embedding lookup stay float32."""
         if not isinstance(spec, dict) or "model" not in spec:
             raise ValueError("spec must be a model-spec dict with 'model', 'tokenizer' and 'prompts'")
+        if quantized_compute not in ("", "int8"):
+            raise ValueError(f"quantized_compute={quantized_compute!r}; use '' (float) or 'int8'")
+        self.quantized_compute = quantized_compute
         self.spec = spec
-        self.config = ModelConfig.from_dict(dict(spec["model"], **(config_overrides or {})))
+        overrides = dict(config_overrides or {})
+        if quantized_compute:  # integer kernels replace the weights: no fake quantisation, unrolled layers
+            overrides.update(dtype="float32", scan_layers=False, quant_scheme="")
+        self.config = ModelConfig.from_dict(dict(spec["model"], **overrides))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec["tokenizer"], base_dir)
         self.prompts = Prompts.from_spec(spec.get("prompts"))
         self.model = EmbeddingModel(self.config)
@@ -97,6 +118,14 @@ class Embedder:
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self._apply = _jitted_apply(self.config, devices.flat[0].platform)
         self._run_params = None   # `precast_params` of params, made on the first encode
+        if quantized_compute:
+            fake = spec["model"].get("quant_scheme")
+            if fake:  # a QAT model: its integer kernels start from the weights it was trained to run
+                from embedder.model.quant import fake_quantize_params
+                params = jax.tree.map(np.asarray, fake_quantize_params(params, fake, spec["model"].get("quant_block", 32)))
+            self._run_params = jax.device_put(split_int8_kernels(jax.tree.map(np.asarray, params)),
+                                              NamedSharding(self.mesh, P()))
+            self._apply = _jitted_int8_apply(self.config, devices.flat[0].platform)
 
     @classmethod
     def load(cls, path, **kwargs) -> "Embedder":

@@ -18,6 +18,11 @@ from embedder.convert.from_hf import is_hf_folder, read_hf_folder
 from embedder.model.config import ModelConfig
 from embedder.model.heads import TEACHER_PROJECTION, model_params
 from embedder.model.layer_stack import match_layer_layout
+from embedder.model.quant import dequantize_params, from_stored, logical_metadata
+
+# A quantised parameter export's spec entry (`python -m embedder.quantize`): scheme, block and the
+# plan of every quantised leaf. The store loads such an export as the float model it encodes.
+QUANTIZATION_KEY = "quantization"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +117,18 @@ def load_spec(loc: ModelLocation) -> dict:
     if loc.converted:
         return _read_converted(loc, shapes_only=True).spec
     if loc.kind == "export":
-        return export_spec(loc.directory)
+        spec = export_spec(loc.directory)
+        return {k: v for k, v in spec.items() if k != QUANTIZATION_KEY}
     return train_spec(loc.directory, loc.workdir)
+
+
+def quantization_of(loc: ModelLocation) -> dict | None:
+    """The quantisation entry of a quantised export (scheme, block, per-leaf plan), else None."""
+    return export_spec(loc.directory).get(QUANTIZATION_KEY) if loc.kind == "export" else None
+
+
+def _dequantized_dtype(spec: dict):
+    return np.dtype((spec.get("model") or {}).get("param_dtype", "float32"))
 
 
 def load_located(loc: ModelLocation, shardings=None):
@@ -124,6 +139,11 @@ def load_located(loc: ModelLocation, shardings=None):
         return (model.params if shardings is None else jax.device_put(model.params, shardings)), model.spec
     spec = load_spec(loc)
     array_dir, subtree = loc.array_dir()
+    quantization = quantization_of(loc)
+    if quantization is not None:  # integers and scales on disk, dequantised to the param dtype here
+        table = quantization["leaves"]
+        params = dequantize_params(from_stored(read_params(array_dir), table), table, _dequantized_dtype(spec))
+        return (params if shardings is None else jax.device_put(params, shardings)), spec
     return read_params(array_dir, subtree, shardings, leave_out=(TEACHER_PROJECTION,)), spec
 
 
@@ -155,6 +175,10 @@ def param_tree_metadata(path_or_location):
     loc = path_or_location if isinstance(path_or_location, ModelLocation) else locate_model(path_or_location)
     if loc.converted:
         return _read_converted(loc, shapes_only=True).params
+    quantization = quantization_of(loc)
+    if quantization is not None:
+        return logical_metadata(params_metadata(*loc.array_dir()), quantization["leaves"],
+                                _dequantized_dtype(load_spec(loc)))
     return model_params(params_metadata(*loc.array_dir()))
 
 

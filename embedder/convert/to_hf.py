@@ -18,6 +18,7 @@ from embedder.convert.hf_tokenizer import write_tokenizer_files
 from embedder.data.prompts import DEFAULT_TASK, Prompts
 from embedder.data.tokenizer import _resolve_file
 from embedder.model.config import ModelConfig
+from embedder.model.quant import dequantize_params, quantize_params
 from embedder.model_store import load_model
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,10 @@ def convert_to_hf(src, dst, *, overwrite: bool = False,
     params, spec = load_model(src)
     if "model" not in spec or "tokenizer" not in spec:
         raise ValueError(f"{src}: its model spec lacks 'model' or 'tokenizer' ({sorted(spec)})")
+    model = spec["model"]
+    if model.get("quant_scheme"):  # a QAT model runs its weights quantised: write them so, dequantised
+        quantized, table = quantize_params(params, model["quant_scheme"], int(model.get("quant_block", 32)))
+        params = dequantize_params(quantized, table, np.dtype(model.get("param_dtype", "float32")))
     src_abs, dst_abs = src.absolute(), pathlib.Path(dst).absolute()
     if dst_abs == src_abs or dst_abs in src_abs.parents:
         # --overwrite empties DST first, which would delete SRC.

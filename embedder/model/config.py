@@ -21,7 +21,8 @@ LAYER_TYPES = ("global", "local")
 # models that differ only here share parameters (soups average them; exports and
 # `Embedder(config_overrides=...)` may change them).
 RUN_FIELDS = ("mrl_dims", "dtype", "remat", "attention_impl", "scan_layers", "dropout_rate",
-              "attention_dropout_rate")
+              "attention_dropout_rate", "quant_scheme", "quant_block")
+QUANT_SCHEMES = ("", "int8", "int4", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,12 @@ class ModelConfig:
     scan_layers: bool = False
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    # Quantisation-aware training (embedder.model.quant): the forward runs on the weights fake-
+    # quantised by this scheme ("int8" per channel, "int4" per `quant_block` input features,
+    # "mixed": int8 attention, int4 the rest), gradients straight through; "" runs the weights as
+    # they are. A model trained so keeps the setting: every consumer then runs it quantised.
+    quant_scheme: str = ""
+    quant_block: int = 32
 
     def __post_init__(self):
         # JSON round trips give lists; the dataclass must stay hashable (a flax attribute).
@@ -99,6 +106,10 @@ class ModelConfig:
             bad("attention_impl", self.attention_impl, f"use one of {ATTENTION_IMPLS}")
         if not isinstance(self.scan_layers, bool):
             bad("scan_layers", self.scan_layers, "use True (nn.scan over layers) or False (unrolled)")
+        if self.quant_scheme not in QUANT_SCHEMES:
+            bad("quant_scheme", self.quant_scheme, f"use one of {QUANT_SCHEMES} ('' = no quantisation)")
+        if self.quant_block < 0:
+            bad("quant_block", self.quant_block, "use 0 (one scale per channel) or a block of input features")
         if self.num_layers < 1:
             bad("num_layers", self.num_layers, "use at least one layer")
         for field in ("dtype", "param_dtype"):

@@ -117,8 +117,34 @@ def einsum_product(eqn: str, x, w, accumulate: bool = False):
         return y.reshape(lead + tail)
 
 
+# The variable collection of int8 kernels (`int8_einsum`); `Embedder(quantized_compute="int8")`.
+INT8_COLLECTION = "int8"
+
+
+def int8_einsum(eqn: str, x, q, scale):
+    """`einsum(eqn, x, q * scale)` computed in integers: `x` quantised per row (symmetric, its
+    absmax over the contracted axes maps to 127), an s8 x s8 -> s32 dot with the int8 kernel `q`
+    (one f32 `scale` per output channel, `[*output axes, 1]`), both scales applied after. The
+    product must be one matrix product over grouped axes (`matmul_groups`)."""
+    groups = matmul_groups(eqn)
+    if groups is None:
+        raise ValueError(f"int8 einsum {eqn!r}: not a product over grouped axes")
+    free, k = groups
+    lead, inner, tail = x.shape[:free], x.shape[free:], q.shape[k:]
+    rows = x.astype(jnp.float32).reshape(math.prod(lead), math.prod(inner))
+    x_scale = jnp.max(jnp.abs(rows), axis=1, keepdims=True) / 127.0
+    x_scale = jnp.where(x_scale > 0, x_scale, 1.0)
+    xq = jnp.clip(jnp.round(rows / x_scale), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot(xq, q.reshape(math.prod(inner), math.prod(tail)), preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * x_scale * scale.reshape(1, -1)
+    return y.reshape(lead + tail)
+
+
 class Einsum(nn.Module):
-    """`y = einsum(eqn, x, w) (+ b)`; `w` of `shape` with logical `axes`, compute in `dtype`."""
+    """`y = einsum(eqn, x, w) (+ b)`; `w` of `shape` with logical `axes`, compute in `dtype`.
+
+    With an int8 kernel in the `INT8_COLLECTION` collection (`{"q", "scale"}` at this module's
+    path, in place of the `w` param) the product is `int8_einsum`."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
@@ -130,10 +156,14 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, eqn: str, x):
-        w = self.param("w", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                       self.shape, self.param_dtype)
-        x, w = x.astype(self.dtype), jnp.asarray(w, self.dtype)
-        y = einsum_product(eqn, x, w, accumulate=jnp.dtype(self.dtype).itemsize < 4)
+        if self.has_variable(INT8_COLLECTION, "w"):
+            kernel = self.get_variable(INT8_COLLECTION, "w")
+            y = int8_einsum(eqn, x, kernel["q"], kernel["scale"]).astype(self.dtype)
+        else:
+            w = self.param("w", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                           self.shape, self.param_dtype)
+            x, w = x.astype(self.dtype), jnp.asarray(w, self.dtype)
+            y = einsum_product(eqn, x, w, accumulate=jnp.dtype(self.dtype).itemsize < 4)
         if self.bias_shape is not None:
             b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
                            self.bias_shape, self.param_dtype)

@@ -14,6 +14,7 @@ from embedder.model.bert import BertEncoder
 from embedder.model.config import ModelConfig
 from embedder.model.gemma import GemmaEncoder
 from embedder.model.heads import ProjectionHead, mean_pool, packed_mean_pool
+from embedder.model.quant import fake_quantize_params
 
 _ENCODERS = {"gemma": GemmaEncoder, "bert": BertEncoder}
 
@@ -46,10 +47,26 @@ class EmbeddingModel(nn.Module):
             raise ValueError(
                 f"input_ids {input_ids.shape} and attention_mask "
                 f"{None if attention_mask is None else attention_mask.shape} must both be [batch, length]")
-        hidden = _ENCODERS[cfg.family](cfg, name="encoder")(
+        hidden = self._quantized(_ENCODERS[cfg.family], "encoder")(cfg, name="encoder")(
             input_ids, attention_mask, token_type_ids, deterministic)
         pooled = (packed_mean_pool(hidden, attention_mask.sequence_ids, num_sequences) if packed
                   else mean_pool(hidden, attention_mask))
-        emb = ProjectionHead(cfg.projection_dims, name="head")(pooled)
+        emb = self._quantized(ProjectionHead, "head")(cfg.projection_dims, name="head")(pooled)
         emb = nn.with_logical_constraint(emb, ("batch", "proj"))
         return (emb, hidden) if return_hidden else emb
+
+    def _quantized(self, module_cls, name: str):
+        """`module_cls`, or with `config.quant_scheme` the same module whose params are fake-
+        quantised on the way in (`nn.map_variables`: the params tree keeps its paths and shapes;
+        gradients pass straight through to the float weights)."""
+        cfg = self.config
+        if not cfg.quant_scheme or self.is_initializing():
+            return module_cls
+
+        def fake_quantize(variables):
+            if not variables.get("params"):   # an identity head has no params
+                return variables
+            return {**variables, "params": fake_quantize_params(variables["params"], cfg.quant_scheme,
+                                                                cfg.quant_block, prefix=name)}
+
+        return nn.map_variables(module_cls, "params", trans_in_fn=fake_quantize)

@@ -1,0 +1,270 @@
+"""Quantisation: int4 packing, the QAT forward against a NumPy fake quantisation, straight-through
+gradients, PTQ closeness, quantised exports through the model store, the int8 encode path and a
+QAT step through the gradient cache."""
+import json
+import math
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embedder import checkpoint, sharding
+from embedder.inference import Embedder
+from embedder.model import EmbeddingModel
+from embedder.model.config import get_model_config
+from embedder.model.einsum import int8_einsum
+from embedder.model.quant import pack_int4, straight_through, unpack_int4
+
+SCHEMES = ("int8", "int4", "mixed")
+SP = "debian_sp8k.model"
+TEXTS = ["how do I resize a partition", "a tool to edit PDF files", "network time daemon",
+         "fonts for mathematics typesetting", "library for reading JPEG images"]
+
+
+def init_params(cfg, seed=0):
+    model = EmbeddingModel(cfg)
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = model.init(jax.random.key(seed), ids, ids)["params"]
+    return jax.tree.map(np.asarray, nn.meta.unbox(params))
+
+
+def numpy_fake_quantize(params, scheme, block=32):
+    """An independent NumPy fake quantisation of a params tree by the documented rules: kernels
+    (`.../w`) scale over their input axes (two for attention `o`), embedding tables over their
+    width; symmetric absmax to 127 (int8, per channel) or 7 (int4, per `block` input features);
+    `mixed` is int8 under `attention/`, int4 elsewhere."""
+    def fq(w, contracted, bits, blk):
+        qmax = 2 ** (bits - 1) - 1
+        kept = [a for a in range(w.ndim) if a not in contracted]
+        m = np.transpose(w, kept + list(contracted)).astype(np.float64)
+        k = math.prod(w.shape[a] for a in contracted)
+        blk = blk if blk and k % blk == 0 and k > blk else k
+        rows = m.reshape(-1, k // blk, blk)
+        out = np.empty_like(rows)
+        for i in range(rows.shape[0]):
+            for j in range(rows.shape[1]):
+                s = np.float32(np.abs(rows[i, j]).max()) / np.float32(qmax)
+                s = np.float32(s) if s > 0 else np.float32(1)
+                out[i, j] = np.clip(np.round(rows[i, j].astype(np.float32) / s), -qmax, qmax) * s
+        return np.transpose(out.reshape(m.shape), np.argsort(kept + list(contracted))).astype(w.dtype)
+
+    def walk(node, path):
+        out = {}
+        for name, v in node.items():
+            p = f"{path}/{name}" if path else name
+            if isinstance(v, dict):
+                out[name] = walk(v, p)
+                continue
+            if name in ("embedding", "word_embedding"):
+                contracted = (v.ndim - 1,)
+            elif name == "w":
+                contracted = (0, 1) if p.split("/")[-2] == "o" else (0,)
+            else:
+                out[name] = v
+                continue
+            int8 = scheme == "int8" or (scheme == "mixed" and "/attention/" in f"/{p}")
+            out[name] = fq(v, contracted, 8 if int8 else 4, 0 if int8 else block)
+        return out
+
+    return walk(params, "")
+
+
+def test_int4_packing_round_trips_every_value():
+    rng = np.random.default_rng(0)
+    for shape in [(16,), (3, 5, 7), (1,), (2, 33)]:
+        q = rng.integers(-8, 8, shape).astype(np.int8)
+        packed = pack_int4(q)
+        assert packed.dtype == np.uint8 and packed.size == (q.size + 1) // 2
+        np.testing.assert_array_equal(unpack_int4(packed, shape), q)
+    every = np.arange(-8, 8, dtype=np.int8)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(every), every.shape), every)
+    assert pack_int4(np.array([1, -1], np.int8))[0] == 0xF1   # low nibble first
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(np.array([9], np.int8))
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny-bert"])
+def test_qat_forward_equals_numpy_fake_quantised_forward(family):
+    cfg = get_model_config(family)
+    params = init_params(cfg)
+    ids = np.random.default_rng(1).integers(1, 200, (3, 8)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    plain = EmbeddingModel(cfg)
+    for scheme in SCHEMES:
+        qat = EmbeddingModel(cfg.replace(quant_scheme=scheme, quant_block=16))
+        got = qat.apply({"params": params}, ids, mask)
+        want = plain.apply({"params": numpy_fake_quantize(params, scheme, 16)}, ids, mask)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=scheme)
+        # Not vacuous: quantisation moved the output.
+        assert np.max(np.abs(np.asarray(got) - np.asarray(plain.apply({"params": params}, ids, mask)))) > 1e-4
+
+
+def test_qat_scanned_layers_equal_unrolled():
+    from embedder.model.layer_stack import stack_layers
+
+    cfg = get_model_config("tiny", quant_scheme="mixed", quant_block=16)
+    params = init_params(cfg.replace(quant_scheme=""))
+    ids = np.arange(1, 17, dtype=np.int32).reshape(2, 8)
+    mask = np.ones_like(ids)
+    unrolled = EmbeddingModel(cfg).apply({"params": params}, ids, mask)
+    scanned_cfg = cfg.replace(scan_layers=True)
+    scanned = EmbeddingModel(scanned_cfg).apply({"params": stack_layers(params, scanned_cfg)}, ids, mask)
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_pass_straight_through():
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 4)), jnp.float32)
+    key = (("axes", (0,)), ("bits", 4), ("block", 0))
+    c = jnp.asarray(np.random.default_rng(3).normal(size=(8, 4)), jnp.float32)
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(c * straight_through(v, key)))(w), c)
+    # Through the model: the QAT gradient is the float model's gradient at the quantised weights.
+    cfg = get_model_config("tiny")
+    params = init_params(cfg)
+    ids = np.arange(1, 17, dtype=np.int32).reshape(2, 8)
+    mask = np.ones_like(ids)
+    qat = EmbeddingModel(cfg.replace(quant_scheme="int4", quant_block=16))
+    g_qat = jax.grad(lambda p: jnp.sum(qat.apply({"params": p}, ids, mask) ** 2))(params)
+    plain = EmbeddingModel(cfg)
+    g_ref = jax.grad(lambda p: jnp.sum(plain.apply({"params": p}, ids, mask) ** 2))(
+        numpy_fake_quantize(params, "int4", 16))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_qat), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def _spec(cfg):
+    return {"model": cfg.to_dict(), "tokenizer": {"kind": "sentencepiece", "file": SP, "max_length": 32},
+            "prompts": {"query": "task: {task} | query: {text}", "document": "title: {title} | text: {text}"}}
+
+
+@pytest.fixture(scope="module")
+def float_export(tmp_path_factory, repo_root):
+    cfg = get_model_config("tiny", vocab_size=8192)
+    params = init_params(cfg, seed=4)
+    spec = _spec(cfg)
+    spec["tokenizer"]["file"] = str(repo_root / "embedder" / "assets" / SP)
+    return checkpoint.save_params(tmp_path_factory.mktemp("f32") / "export", params, spec), params
+
+
+def _cosines(a, b):
+    return np.sum(a * b, axis=1)   # rows are unit vectors
+
+
+def test_quantised_export_round_trips_through_embedder_load(float_export, tmp_path):
+    from embedder import model_store
+    from embedder.quantize import ptq_params, quantize_model
+
+    src, params = float_export
+    f32 = Embedder.load(src)
+    reference = f32.encode(TEXTS)
+    sizes = {}
+    for scheme in SCHEMES:
+        report = quantize_model(src, tmp_path / scheme, scheme=scheme, block=16)
+        sizes[scheme] = report["bytes_on_disk"]
+        loaded = Embedder.load(tmp_path / scheme)
+        assert "quantization" not in loaded.spec and loaded.config.quant_scheme == ""
+        in_memory = Embedder(ptq_params(params, scheme, 16), f32.spec)
+        np.testing.assert_allclose(loaded.encode(TEXTS), in_memory.encode(TEXTS), atol=1e-6)
+        # The store shows the float model it loads as, without reading arrays.
+        meta = model_store.param_metadata(tmp_path / scheme)
+        assert meta["encoder/embedding"] == ((8192, 64), np.dtype("float32"))
+        assert _cosines(loaded.encode(TEXTS), reference).min() > (0.999 if scheme == "int8" else 0.9), scheme
+    spec = json.loads((tmp_path / "int4" / "model.json").read_text())
+    assert spec["quantization"]["leaves"]["encoder/embedding"] == {
+        "bits": 4, "block": 16, "axes": [1], "shape": [8192, 64]}
+    # int8 ~ 1/4 and int4 ~ 1/8 of float32, plus scales and the float leaves.
+    assert report["bytes_float"] * 0.2 < sizes["int8"] < report["bytes_float"] * 0.3
+    assert sizes["int4"] < sizes["mixed"] < sizes["int8"]
+    assert sizes["int4"] < report["bytes_float"] * 0.2
+
+
+def test_ptq_int8_stays_close_to_float(float_export):
+    from embedder.quantize import ptq_params
+
+    _, params = float_export
+    cfg = get_model_config("tiny", vocab_size=8192)
+    spec = _spec(cfg)
+    spec["tokenizer"]["file"] = str(float_export[0] / SP)
+    base = Embedder(params, spec).encode(TEXTS, dim=32)
+    int8 = Embedder(ptq_params(params, "int8"), spec).encode(TEXTS, dim=32)
+    assert _cosines(base, int8).min() > 0.999
+
+
+def test_soup_and_to_hf_read_a_quantised_export_dequantised(float_export, tmp_path):
+    from embedder import soup
+    from embedder.convert.to_hf import convert_to_hf
+    from embedder.quantize import quantize_model
+
+    src, _ = float_export
+    quantize_model(src, tmp_path / "q", scheme="int8")
+    q = Embedder.load(tmp_path / "q")
+    params, spec, report = soup.make_soup([tmp_path / "q", tmp_path / "q"], method="uniform")
+    souped = Embedder.load(soup.write_soup(tmp_path / "soup", params, spec, report))
+    assert "quantization" not in json.loads((tmp_path / "soup" / "model.json").read_text())
+    np.testing.assert_allclose(souped.encode(TEXTS), q.encode(TEXTS), atol=1e-6)
+    hf = convert_to_hf(tmp_path / "q", tmp_path / "hf")
+    np.testing.assert_allclose(Embedder.load(hf).encode(TEXTS), q.encode(TEXTS), atol=1e-5)
+
+
+def test_int8_einsum_is_integer_arithmetic():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    q = rng.integers(-127, 128, (8, 2, 4)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, (2, 4, 1)).astype(np.float32)
+    rows = x.reshape(6, 8)
+    xs = np.abs(rows).max(1, keepdims=True) / np.float32(127)
+    xq = np.clip(np.round(rows / xs), -127, 127).astype(np.int64)
+    want = (xq @ q.reshape(8, 8).astype(np.int64)).astype(np.float32) * xs * scale.reshape(1, -1)
+    got = jax.jit(lambda a: int8_einsum("BLD,DNH->BLNH", a, q, scale))(x)
+    np.testing.assert_allclose(got, want.reshape(2, 3, 2, 4), rtol=1e-6)
+    assert "i32" in jax.jit(lambda a: int8_einsum("BLD,DNH->BLNH", a, q, scale)).lower(x).as_text()
+
+
+def test_int8_encode_is_close_to_float(float_export):
+    src, _ = float_export
+    base = Embedder.load(src).encode(TEXTS)
+    int8 = Embedder.load(src, quantized_compute="int8")
+    assert int8.config.scan_layers is False
+    assert _cosines(base, int8.encode(TEXTS)).min() > 0.99
+    with pytest.raises(ValueError, match="quantized_compute"):
+        Embedder.load(src, quantized_compute="int4")
+
+
+def test_qat_step_through_gradient_cache_equals_full_batch():
+    """The QAT model (the config switch `model.quant_scheme`) through the gradient cache: the same
+    loss and gradients as the full batch, on a data-parallel mesh."""
+    from embedder.train.config import base_config
+    from embedder.train.step import make_grad_fn
+    from test_train_step import LOSS, make_batch, mesh_of
+
+    assert base_config().model.quant_scheme == ""   # the switch: --config.model.quant_scheme=int4
+    cfg = get_model_config("tiny", quant_scheme="mixed", quant_block=16)
+    model = EmbeddingModel(cfg)
+    batch = make_batch(0, b=8, k=1)
+    mesh = mesh_of((2, 1, 1), jax.devices()[:2])
+    params = init_params(cfg.replace(quant_scheme=""))
+    out = {}
+    for chunks in (0, 2):
+        grad_fn = make_grad_fn(model, LOSS, grad_cache_chunks=chunks)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            (loss, _), grads = jax.jit(grad_fn)(params, sharding.host_to_global(batch, mesh), jax.random.key(1))
+        out[chunks] = float(loss), jax.tree.map(np.asarray, grads)
+    assert out[2][0] == pytest.approx(out[0][0], rel=1e-5)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(out[0][1]))
+    assert scale > 1e-3
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[2][1]), jax.tree.leaves(out[0][1])):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_quantize_cli_errors_are_one_line(float_export, tmp_path):
+    src, _ = float_export
+    run = lambda *a: subprocess.run([sys.executable, "-m", "embedder.quantize", *map(str, a)],
+                                    capture_output=True, text=True)
+    bad = run(src, tmp_path / "x", "--scheme", "int3")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    none = run(src, tmp_path / "y")
+    assert none.returncode == 1 and "--scheme" in none.stderr and len(none.stderr.strip().splitlines()) == 1
