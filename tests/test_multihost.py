@@ -33,10 +33,10 @@ OVERRIDES = [
 ]
 
 
-def _launch(processes: int, devices: int, workdir: pathlib.Path) -> subprocess.CompletedProcess:
+def _launch(processes: int, devices: int, workdir: pathlib.Path, extra=()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", str(processes),
            "--devices-per-process", str(devices), "--timeout", "400", "--",
-           "--config", f"{DEMO}:prefinetune", "--workdir", str(workdir), *OVERRIDES]
+           "--config", f"{DEMO}:prefinetune", "--workdir", str(workdir), *OVERRIDES, *extra]
     env = dict(os.environ)
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=450, cwd=ROOT)
@@ -74,6 +74,29 @@ def test_two_processes_match_one_process(tmp_path):
     for (k, a), (_, b) in zip(flat1, flat2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(k))
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason="experiments/demo.py is not there yet")
+def test_two_processes_distil_like_one_process(tmp_path):
+    """Teacher signals joined per host slice: 2 processes' distilled losses equal 1 process's."""
+    from embedder.data.builders import DEBIAN_PAIRS
+    from embedder.distill.teacher import run_teacher
+    from test_distill import HashTeacher
+
+    run_teacher(HashTeacher(), [str(DEBIAN_PAIRS)], tmp_path / "signals", store="both", quiet=True)
+    extra = [f"--config.data.teacher={tmp_path / 'signals'}", "--config.loss.distill_embedding_weight=1.0",
+             "--config.loss.distill_score_weight=1.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _launch(1, 8, one, extra)
+    assert r1.returncode == 0, r1.stdout[-4000:]
+    r2 = _launch(2, 4, two, extra)
+    assert r2.returncode == 0, r2.stdout[-4000:]
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/distill_embedding" in r for r in rows)
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l1) == sorted(l2) == list(range(1, STEPS + 1))
+    for step in l1:
+        assert abs(l1[step] - l2[step]) <= 1e-5, (step, l1[step], l2[step])
 
 
 @pytest.mark.skipif(not DEMO.exists(), reason="experiments/demo.py is not there yet")

@@ -142,8 +142,11 @@ def make_grad_fn(model, loss_config, *, grad_cache_chunks: int = 0, frozen: Sequ
         return loss
 
     def split(params):
-        loss_params = {TEACHER_PROJECTION: params[TEACHER_PROJECTION]} if TEACHER_PROJECTION in params else {}
-        return model_params(params), stop_frozen_gradients(loss_params, frozen)
+        if TEACHER_PROJECTION not in params:
+            return params, {}
+        # Frozen patterns name paths of the whole tree (they need not match the loss's own params).
+        loss_params = {TEACHER_PROJECTION: stop_frozen_gradients(params, frozen)[TEACHER_PROJECTION]}
+        return model_params(params), loss_params
 
     if chunks <= 1:
         def grad_fn(params, batch, rng):

@@ -1,0 +1,122 @@
+"""Distillation side by side on Gemma 3 270M: the recipe's stage 2 with and without a teacher, at
+equal steps, same stage-1 start, data, seed and batch, scored on debian_retrieval (CPU, offline).
+
+    python experiments/gemma3_270m.py --workdir workdir/gemma3_270m --stages convert,stage1,mine
+    python experiments/minilm_finetune.py --workdir runs/minilm                  # the teacher (or any model)
+    python experiments/distill_gemma.py --recipe workdir/gemma3_270m --teacher runs/minilm/export \
+        --workdir workdir/distill_gemma
+
+From the Gemma recipe's workdir it takes the stage-1 export (the start of both runs) and the
+mined retrieval triples (one hard negative each; stage 2's data). The teacher's embeddings of
+those triples are stored once (`python -m embedder.distill teacher`, in WORKDIR/signals), then two
+stage-2 runs train from the same start with the recipe's stage-2 settings (`gemma3_270m.get_config`):
+`plain` (Matryoshka NCE) and `distilled` (the same plus embedding matching of query, positive and
+negative, `--embedding-weight`, and score KL, `--score-weight`). The teacher and both runs are
+scored on debian_retrieval (nDCG@10 at 768 and 128; the teacher at its own width); `results.md`
+and `results.json` in WORKDIR. Every part is skipped when its output exists: rerun to continue.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from experiments import debian_recipe as recipe  # noqa: E402
+from experiments import gemma3_270m  # noqa: E402
+
+RETRIEVAL = recipe.TASKS / "debian_retrieval"
+
+
+def run_config(settings: dict, source_model: dict | None, init: pathlib.Path, triples: pathlib.Path, *,
+               signals: pathlib.Path | None, embedding_weight: float, score_weight: float):
+    """The recipe's stage-2 config on the retrieval triples alone, with a teacher when `signals`."""
+    c = gemma3_270m.get_config("stage2", settings, source_model)
+    c.init_from = str(init)
+    c.data.datasets = [{"name": "retrieval", "files": [str(triples)], "task": "search result", "weight": 1.0}]
+    if signals is not None:
+        c.data.teacher = str(signals)
+        c.loss.distill_embedding_weight = embedding_weight
+        c.loss.distill_score_weight = score_weight
+    return c
+
+
+def _source_model(recipe_wd: pathlib.Path) -> dict | None:
+    """The recipe's converted model config when it is not the real 270M (a tiny GGUF in tests),
+    as `gemma3_270m.Recipe.source_model` reads it."""
+    from embedder.model.config import get_model_config
+
+    model = json.loads((recipe_wd / "base" / "model.json").read_text())["model"]
+    real = get_model_config("gemma3-270m").to_dict()
+    return None if all(model.get(k) == v for k, v in real.items() if k not in ("mrl_dims", "dtype")) else model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", required=True, help="the gemma3_270m.py workdir (stage1/export, mined.jsonl)")
+    p.add_argument("--teacher", required=True, help="the teacher: any model path Embedder.load takes")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, default=None, help="stage-2 steps of both runs (default: the recipe's)")
+    p.add_argument("--embedding-weight", type=float, default=1.0)
+    p.add_argument("--score-weight", type=float, default=1.0)
+    p.add_argument("--task", default=str(RETRIEVAL), help="the retrieval task scored")
+    p.add_argument("--max-queries", type=int, default=0, help=">0: score that many queries (smoke runs)")
+    p.add_argument("--quick", action="store_true", help="the recipe's --quick settings when its workdir has none")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("distill_gemma")
+
+    from embedder import Embedder, cpu_tuning
+    cpu_tuning.tune_command()
+    from embedder.distill.teacher import run_teacher
+    from embedder.train.loop import train
+
+    recipe_wd, wd = pathlib.Path(args.recipe), pathlib.Path(args.workdir)
+    init, triples = recipe_wd / "stage1" / "export", recipe_wd / "mined.jsonl"
+    for path in (init, triples):
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run `python experiments/gemma3_270m.py --workdir {recipe_wd} "
+                             "--stages convert,stage1,mine` first")
+    saved = recipe_wd / "settings.json"   # the recipe's own settings, so lengths, seed and dtype match
+    settings = json.loads(saved.read_text()) if saved.is_file() else \
+        dict(gemma3_270m.QUICK if args.quick else gemma3_270m.DEFAULT)
+    if args.steps:
+        settings["stage2"] = dict(settings["stage2"], steps=args.steps)
+    source_model = _source_model(recipe_wd)
+    wd.mkdir(parents=True, exist_ok=True)
+    signals = wd / "signals"
+    run_teacher(args.teacher, [str(triples)], signals)
+    runs = {}
+    for name, sig in (("plain", None), ("distilled", signals)):
+        out = wd / name
+        if not (out / "export" / "model.json").is_file():
+            c = run_config(settings, source_model, init, triples, signals=sig,
+                           embedding_weight=args.embedding_weight, score_weight=args.score_weight)
+            c.data.data_dir = str(wd / "tfds")
+            train(c, out)
+        runs[name] = out / "export"
+    rows = {}
+    for name, path in (("teacher", pathlib.Path(args.teacher)), ("plain", runs["plain"]),
+                       ("distilled", runs["distilled"])):
+        model = Embedder.load(path)
+        dims = tuple(dict.fromkeys(min(d, model.embedding_dim) for d in gemma3_270m.EVAL_DIMS))
+        results = recipe.evaluate_cached(wd / "eval" / f"{name}.json", model, {"retrieval": args.task}, dims, log,
+                                         max_queries=args.max_queries or None)
+        rows[name] = {f"nDCG@10 @{d}": recipe.metric(results, "retrieval", "ndcg_at_10", d) for d in dims}
+    steps = settings["stage2"]["steps"]
+    lines = [f"Stage 2 from {init}, {steps} steps x {settings['stage2']['batch']} triples, seed {settings['seed']}; "
+             f"teacher {args.teacher}; {pathlib.Path(args.task).name}", "", "| model | scores |", "|---|---|"]
+    lines += [f"| {name} | {', '.join(f'{k} {v:.3f}' for k, v in r.items())} |" for name, r in rows.items()]
+    (wd / "results.md").write_text("\n".join(lines) + "\n")
+    (wd / "results.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
