@@ -268,3 +268,40 @@ def test_quantize_cli_errors_are_one_line(float_export, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     none = run(src, tmp_path / "y")
     assert none.returncode == 1 and "--scheme" in none.stderr and len(none.stderr.strip().splitlines()) == 1
+
+
+def test_quantize_table_driver_plumbing(tmp_path, repo_root):
+    """experiments/quantize_table.py on a tiny model: PTQ and one QAT row (1 step), a tiny task."""
+    import gzip
+
+    import runpy
+
+    from conftest import write_debian_pairs
+    from experiments.quantize_table import build_table, markdown
+
+    pairs = write_debian_pairs(tmp_path / "pairs.jsonl", 64)
+    tiny_config = repo_root / "tests" / "configs" / "tiny.py"
+    config = runpy.run_path(str(tiny_config))["get_config"](str(pairs))
+    cfg = get_model_config("tiny", **{k: v for k, v in config.model.to_dict().items()
+                                      if k in ("projection_dims", "mrl_dims")})
+    spec = _spec(cfg)
+    spec["tokenizer"]["file"] = str(repo_root / "embedder" / "assets" / SP)
+    model = checkpoint.save_params(tmp_path / "f32", init_params(cfg, seed=1), spec)
+    task = tmp_path / "task"
+    (task / "qrels").mkdir(parents=True)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()[:8]]
+    with gzip.open(task / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": f"d{i}", "title": "", "text": r["positive"]}) + "\n" for i, r in enumerate(rows))
+    with gzip.open(task / "queries.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n" for i, r in enumerate(rows))
+    (task / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                             "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
+    got = build_table(model, tmp_path / "table", task=task, schemes=["int4"], block=16,
+                      train_config=f"{tiny_config}:{pairs}", qat_steps=1, control=False,
+                      overrides=["checkpoint.every_steps=1", "optimizer.warmup_steps=0"], log=lambda *_: None)
+    assert list(got) == ["f32", "ptq_int4", "qat_int4"]
+    assert all(0 <= r["ndcg@10"] <= 1 for r in got.values())
+    assert got["qat_int4"]["bytes_on_disk"] < 0.5 * got["f32"]["bytes_on_disk"]
+    spec = json.loads((tmp_path / "table" / "qat_int4_export" / "model.json").read_text())
+    assert spec["quantization"]["scheme"] == "int4"
+    assert "| qat_int4 |" in markdown(got) and (tmp_path / "table" / "table.md").is_file()
