@@ -68,5 +68,9 @@ def test_cached_train_steps_equal_uncached_steps():
     c_losses, c_params, _, _ = run_steps(StandInEncoder(), mesh_of((4, 2, 1)), batches, loss=LOSS, opt=opt,
                                          chunks=2)
     np.testing.assert_allclose(c_losses, losses, rtol=1e-5)
+    # Adam divides each update by the root of its second moment, so float rounding in a near-zero
+    # gradient moves that element by a small fraction of the learning rate; a wrong gradient
+    # moves elements by the order of the learning rate itself.
+    atol = 1e-3 * opt["learning_rate"]
     for a, b in zip(jax.tree.leaves(c_params), jax.tree.leaves(params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
