@@ -60,10 +60,11 @@ REFERENCES = {"BM25 + stemming": {"nDCG@10 @768": 0.839, "R@10 @768": 0.907},
               "all-MiniLM-L6-v2 fine-tune": {"nDCG@10 @768": 0.873}}
 
 DEFAULT = dict(
-    stage1=dict(steps=240, batch=64, chunks=4, lr=2e-4, warmup=12, eval_every=40),
-    stage2=dict(steps=60, batch=32, chunks=2, section_share=0.25, lr=5e-5, warmup=6),
+    # lr: 5e-5 scored 0.808 on the validation task after 20 steps, 2e-4 0.794 (experiments/results).
+    stage1=dict(steps=200, batch=64, chunks=4, lr=5e-5, warmup=10, eval_every=50),
+    stage2=dict(steps=40, batch=32, chunks=2, section_share=0.25, lr=3e-5, warmup=4),
     # Ingredients: the base run, another seed with a larger learning rate, more section batches.
-    runs=(dict(name="a_seed0", seed=0), dict(name="b_seed1_lr1e-4", seed=1, lr=1e-4),
+    runs=(dict(name="a_seed0", seed=0), dict(name="b_seed1_lr5e-5", seed=1, lr=5e-5),
           dict(name="c_seed2_sections", seed=2, section_share=0.5)),
     validation=dict(queries=400, corpus=2000, seed=0),
     query_max_length=32, document_max_length=96, eval_max_length=128, eval_max_queries=0, eval_max_corpus=0,

@@ -65,7 +65,7 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     assert driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick"]) == 0
     results = json.loads((wd / "results.json").read_text())
     names = list(results["rows"])
-    assert names == ["untrained (converted LLM)", "1: pre-finetuned", "2: a_seed0", "2: b_seed1_lr1e-4",
+    assert names == ["untrained (converted LLM)", "1: pre-finetuned", "2: a_seed0", "2: b_seed1_lr5e-5",
                      "2: c_seed2_sections", "uniform soup", "greedy soup"]
     for name, row in results["rows"].items():
         assert {"validation", "retrieval"} <= set(row), name
@@ -103,3 +103,12 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
         for line in (wd / f).read_text().splitlines():
             r = json.loads(line)
             assert r["query"] not in held and r["positive"] not in docs
+    # A probe: stage 1 again with one lever changed, scored on the validation task only.
+    spec = importlib.util.spec_from_file_location("gemma3_270m_probe", repo_root / "experiments" / "gemma3_270m_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--recipe", str(wd), "--name", "lr1e-3", "--set", '{"lr": 1e-3, "steps": 1, "warmup": 0}']) == 0
+    done = json.loads((wd / "probes" / "lr1e-3" / "probe.json").read_text())
+    assert done["settings"]["stage1"]["lr"] == 1e-3 and [s for s, _ in done["curve"]] == [1]
+    with pytest.raises(SystemExit, match="unknown key"):
+        probe.main(["--recipe", str(wd), "--name", "x", "--set", '{"learning_rate": 1}'])
