@@ -302,7 +302,8 @@ class Recipe:
         if out.is_file() and set(tasks) <= set(json.loads(out.read_text())):
             return self._with_dims(json.loads(out.read_text()), path)
         results = self.timed(f"eval_{name}", lambda: recipe.evaluate_cached(
-            out, encoder, tasks, self._dims(path), self.log, batch_size=32))
+            out, encoder, tasks, self._dims(path), self.log, batch_size=32,
+            max_queries=self.s["eval_max_queries"] or None))   # smoke runs subsample every task
         return self._with_dims(results, path)
 
     def _dims(self, path) -> tuple[int, ...]:
