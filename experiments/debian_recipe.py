@@ -10,7 +10,7 @@ import pathlib
 import random
 import sys
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # imported by scripts run from anywhere
@@ -207,9 +207,3 @@ def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], out_png: path
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
-
-def wall_clock(fn: Callable[[], object]) -> tuple[object, float, float]:
-    """`fn()`, its wall and CPU seconds."""
-    t0, c0 = time.time(), time.process_time()
-    out = fn()
-    return out, time.time() - t0, time.process_time() - c0
