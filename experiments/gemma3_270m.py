@@ -196,6 +196,7 @@ class Recipe:
         self.timing = json.loads(self.timing_file.read_text()) if self.timing_file.is_file() else {}
         self.encoders: dict[str, recipe.CachedEncoder] = {}   # fingerprint -> encoder of an in-memory soup
         self._tasks = None
+        self._split = None
 
     def timed(self, stage: str, fn, **extra):
         t0, c0 = time.time(), time.process_time()
@@ -220,16 +221,22 @@ class Recipe:
         return path
 
     # -- data
+    def split(self):
+        """The validation split of the training pairs (read and computed once)."""
+        if self._split is None:
+            self._split = split_validation(recipe.read_pairs(TRAIN_PAIRS, self.s["seed"]), self.s)
+        return self._split
+
     def records(self) -> list[dict]:
         """The training pairs no validation package is in, in the seeded order every stage slices."""
-        return split_validation(recipe.read_pairs(TRAIN_PAIRS, self.s["seed"]), self.s).train
+        return self.split().train
 
     def write_validation(self) -> None:
         from embedder.evaluate.holdout import write_task
 
         if (self.validation_dir / "task.json").is_file():
             return
-        split = split_validation(recipe.read_pairs(TRAIN_PAIRS, self.s["seed"]), self.s)
+        split = self.split()
         write_task(split, self.validation_dir, name=VALIDATION)
         self.log.info("validation task: %s", json.dumps(split.stats))
 

@@ -5,6 +5,8 @@ Gemma-family folders that ship only a `tokenizer.json`.
 """
 from __future__ import annotations
 
+import abc
+
 import os
 import pathlib
 from typing import Iterable, Protocol, Sequence
@@ -65,7 +67,7 @@ def _truncate(joint_ids: list[int], prefix_len: int, budget: int, prefix: str) -
     return joint_ids[:budget]
 
 
-class _SpecialTokensAround:
+class _SpecialTokensAround(abc.ABC):
     """`encode` shared by the tokenizers: `bos? prompt+text eos?`, the text cut to fit `max_length`,
     the prompt never. A subclass sets `add_bos`, `add_eos`, `bos_id`, `eos_id`, `max_length` and
     implements `_ids(strings)`: each string's token ids without special tokens."""
@@ -74,8 +76,9 @@ class _SpecialTokensAround:
     add_eos: bool
     max_length: int
 
+    @abc.abstractmethod
     def _ids(self, strings: list[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """Each string's token ids, without special tokens."""
 
     @property
     def num_special(self) -> int:
