@@ -164,7 +164,8 @@ def test_quantised_export_round_trips_through_embedder_load(float_export, tmp_pa
     sizes = {}
     for scheme in SCHEMES:
         report = quantize_model(src, tmp_path / scheme, scheme=scheme, block=16)
-        sizes[scheme] = report["bytes_on_disk"]
+        sizes[scheme] = report["bytes_stored"]
+        assert report["bytes_on_disk"] < report["bytes_float"] * 0.3, scheme
         loaded = Embedder.load(tmp_path / scheme)
         assert "quantization" not in loaded.spec and loaded.config.quant_scheme == ""
         in_memory = Embedder(ptq_params(params, scheme, 16), f32.spec)
@@ -176,7 +177,8 @@ def test_quantised_export_round_trips_through_embedder_load(float_export, tmp_pa
     spec = json.loads((tmp_path / "int4" / "model.json").read_text())
     assert spec["quantization"]["leaves"]["encoder/embedding"] == {
         "bits": 4, "block": 16, "axes": [1], "shape": [8192, 64]}
-    # int8 ~ 1/4 and int4 ~ 1/8 of float32, plus scales and the float leaves.
+    # int8 ~ 1/4 and int4 ~ 1/8 of float32, plus scales and the float leaves (before the
+    # checkpoint's compression, whose ratio depends on the values).
     assert report["bytes_float"] * 0.2 < sizes["int8"] < report["bytes_float"] * 0.3
     assert sizes["int4"] < sizes["mixed"] < sizes["int8"]
     assert sizes["int4"] < report["bytes_float"] * 0.2

@@ -33,8 +33,9 @@ def ptq_params(params, scheme: str, block: int = 32, dtype=np.float32):
 def quantize_model(src, dst, *, scheme: str | None = None, block: int | None = None,
                    overwrite: bool = False) -> dict:
     """Writes the quantised export of the saved model `src` to `dst` and returns a report
-    (`scheme`, `block`, `leaves`, `bytes_float`: the params as float32, `bytes_on_disk`: of
-    `dst/params/`, `bytes_source`: of the source's files when it is one directory or file).
+    (`scheme`, `block`, `leaves`, `bytes_float`: the params as float32, `bytes_stored`: the
+    stored arrays before the checkpoint's compression, `bytes_on_disk`: of `dst/params/`,
+    `bytes_source`: of the source's files when it is one directory or file).
 
     `scheme` / `block` default to the model's own QAT setting (`model.quant_scheme` /
     `quant_block`); a model trained without one needs `scheme`. The export's model runs the
@@ -50,10 +51,12 @@ def quantize_model(src, dst, *, scheme: str | None = None, block: int | None = N
     spec = copy.deepcopy(spec)
     spec["model"] = dict(model, quant_scheme="")
     spec[QUANTIZATION_KEY] = {"scheme": scheme, "block": block, "source": str(src), "leaves": table}
-    out = save_params(dst, to_stored(quantized, table), spec, overwrite=overwrite)
+    stored = to_stored(quantized, table)
+    out = save_params(dst, stored, spec, overwrite=overwrite)
     src_path = pathlib.Path(src)
     return {"scheme": scheme, "block": block, "leaves": len(table),
             "bytes_float": int(sum(np.asarray(v).size * 4 for v in _leaves(params))),
+            "bytes_stored": int(sum(np.asarray(v).nbytes for v in _leaves(stored))),
             "bytes_on_disk": directory_bytes(out / PARAMS_DIR),
             "bytes_source": directory_bytes(src_path) if src_path.exists() else None,
             "out": str(out)}
