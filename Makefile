@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m embedder.demo --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
