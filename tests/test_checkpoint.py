@@ -199,7 +199,7 @@ def test_transient_read_error_is_retried_and_resumes_newest(tmp_path, monkeypatc
     with caplog.at_level(logging.WARNING), ckpt.TrainCheckpointer(
             tmp_path, async_save=False, restore_backoff_s=0) as c:
         owner = manager if where == "metadata" else c._manager
-        calls = _fail_first_calls(monkeypatch, owner, "_tree_metadata" if where == "metadata" else "restore", 1)
+        calls = _fail_first_calls(monkeypatch, owner, "tree_metadata" if where == "metadata" else "restore", 1)
         state, data, _ = c.restore(abstract_state=abstract_of(states[2]))
         assert_trees_equal(state, states[2])
         assert data == {"position": 20} and len(calls) == 2
@@ -247,7 +247,7 @@ def test_a_file_missing_once_is_not_corruption(tmp_path, monkeypatch):
 
     states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
     with ckpt.TrainCheckpointer(tmp_path, async_save=False, restore_backoff_s=0) as c:
-        calls = _fail_first_calls_with(monkeypatch, manager, "_tree_metadata", 1,
+        calls = _fail_first_calls_with(monkeypatch, manager, "tree_metadata", 1,
                                        FileNotFoundError(2, "No such file (injected)", "state/_METADATA"))
         state, _, _ = c.restore(abstract_state=abstract_of(states[2]))
         assert_trees_equal(state, states[2])
@@ -260,13 +260,13 @@ def test_a_file_missing_twice_is_corruption_after_a_second_look(tmp_path, monkey
 
     states = write_workdir(tmp_path, steps=(1, 2), async_save=False)
     (tmp_path / "checkpoints" / "2" / "data" / "metadata").unlink()
-    calls = _fail_first_calls_with(monkeypatch, manager, "_step_problem", 0, None)
+    calls = _fail_first_calls_with(monkeypatch, manager, "step_problem", 0, None)
     with caplog.at_level(logging.WARNING), ckpt.TrainCheckpointer(
             tmp_path, async_save=False, restore_backoff_s=0) as c:
         state, _, _ = c.restore(abstract_state=abstract_of(states[1]))
         assert_trees_equal(state, states[1])
         assert c.all_steps() == [1]
-    assert calls.count("_step_problem") == 3   # step 2 twice (then moved aside), step 1 once
+    assert calls.count("step_problem") == 3   # step 2 twice (then moved aside), step 1 once
     assert any("checkpoint step 2 looks unusable (missing file data/metadata); reading it again" in r.getMessage()
                for r in caplog.records)
 

@@ -9,7 +9,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from embedder.checkpoint.trees import MODEL_SPEC_FILE, PARAMS_DIR, _unbox, _write_json
+from embedder.checkpoint.trees import MODEL_SPEC_FILE, PARAMS_DIR, _unbox, write_json
 
 
 def save_params(directory, params, spec: dict, tokenizer_file=None, *, overwrite: bool = False,
@@ -49,8 +49,8 @@ def save_params(directory, params, spec: dict, tokenizer_file=None, *, overwrite
                 shutil.copyfile(source, directory / source.name)
             spec.setdefault("tokenizer", {})["file"] = source.name
         for name, value in (extra_files or {}).items():
-            _write_json(directory / name, value)
-        _write_json(directory / MODEL_SPEC_FILE, spec)
+            write_json(directory / name, value)
+        write_json(directory / MODEL_SPEC_FILE, spec)
     ocp.multihost.sync_global_processes("embedder_save_params_done")
     return directory
 

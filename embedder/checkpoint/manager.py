@@ -15,35 +15,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from embedder.checkpoint.read_faults import CheckpointReadError, StepCorrupt, corruption, describe, is_io_error
-from embedder.checkpoint.trees import (_TMP_MARKER, CHECKPOINTS_DIR, QUARANTINE_DIR, TRAIN_ITEMS,
-                                        _check_same_tree, _read_json, _to_json_value, _tree_metadata)
+from embedder.checkpoint.steps import best_step, metric_key, step_dirs, step_metrics, step_problem, tmp_dirs
+from embedder.checkpoint.trees import (CHECKPOINTS_DIR, QUARANTINE_DIR, TRAIN_ITEMS, _check_same_tree, _to_json_value,
+                                        read_json, tree_metadata)
 
 log = logging.getLogger(__name__)
-
-
-def _step_problem(step_dir: pathlib.Path) -> str | None:
-    """Why a train-checkpoint step directory is unusable, or None when it looks complete.
-
-    Cheap checks only (files present, JSON parses); unreadable array data shows up at restore.
-    Other read errors (EIO, timeouts) prove nothing about the step and propagate.
-    """
-    if not step_dir.is_dir():
-        return "not a directory"
-    try:
-        _read_json(step_dir / "_CHECKPOINT_METADATA")
-        for item in TRAIN_ITEMS:
-            if not (step_dir / item).is_dir():
-                return f"item '{item}' is missing"
-        _read_json(step_dir / "state" / "_METADATA")
-        for item in ("data", "config"):
-            _read_json(step_dir / item / "metadata")
-    except FileNotFoundError as e:
-        return f"missing file {pathlib.Path(e.filename).relative_to(step_dir) if e.filename else e}"
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"unparsable file: {e}"
-    if not (step_dir / "state" / "manifest.ocdbt").exists() and not any((step_dir / "state").glob("*.zarray")):
-        return "array data of item 'state' is missing"
-    return None
 
 
 _VERDICTS = {type(None): 0, StepCorrupt: 1, CheckpointReadError: 2}   # worse verdicts are larger
@@ -56,46 +32,6 @@ def _agreed_verdict(verdict: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.array([verdict], np.int32))))
-
-
-def _step_dirs(checkpoints: pathlib.Path) -> dict[int, pathlib.Path]:
-    if not checkpoints.is_dir():
-        return {}
-    return {int(p.name): p for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir()}
-
-
-def _tmp_dirs(checkpoints: pathlib.Path) -> list[pathlib.Path]:
-    if not checkpoints.is_dir():
-        return []
-    return sorted(p for p in checkpoints.iterdir() if _TMP_MARKER in p.name)
-
-
-def _step_metrics(step_dir: pathlib.Path) -> dict | None:
-    try:
-        return _read_json(step_dir / "metrics" / "metrics")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _metric_key(metric: str, mode: str):
-    """Sort key for BestN/best-step selection: missing metrics rank worst."""
-    worst = -np.inf if mode == "max" else np.inf
-
-    def key(metrics) -> float:
-        value = (metrics or {}).get(metric)
-        return worst if value is None else float(value)
-
-    return key
-
-
-def _best_step(steps: dict[int, pathlib.Path], metric: str, mode: str) -> int | None:
-    scored = [(s, (_step_metrics(d) or {}).get(metric)) for s, d in steps.items()]
-    scored = [(s, float(v)) for s, v in scored if v is not None]
-    if not scored:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    # Ties go to the later step (more training at equal quality).
-    return max(scored, key=lambda sv: (sign * sv[1], sv[0]))[0]
 
 
 class TrainCheckpointer:
@@ -126,12 +62,12 @@ class TrainCheckpointer:
                              f"{restore_attempts}, {restore_backoff_s}")
         self.restore_attempts = int(restore_attempts)
         self.restore_backoff_s = float(restore_backoff_s)
-        for tmp in _tmp_dirs(self.directory):
+        for tmp in tmp_dirs(self.directory):
             log.warning("ignoring incomplete checkpoint %s (an interrupted save); Orbax removes it", tmp)
         policies = [ocp.checkpoint_managers.LatestN(n=int(max_to_keep))]
         best_fn = None
         if keep_best_metric:
-            best_fn = _metric_key(keep_best_metric, best_mode)
+            best_fn = metric_key(keep_best_metric, best_mode)
             policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
                 keep_checkpoints_without_metrics=False))
@@ -152,7 +88,7 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         """The newest step that looks complete (see `restore` for the full fallback)."""
         for step in sorted(self._manager.all_steps(), reverse=True):
-            if _step_problem(self.directory / str(step)) is None:
+            if step_problem(self.directory / str(step)) is None:
                 return step
         return None
 
@@ -160,8 +96,8 @@ class TrainCheckpointer:
         """Best step by `keep_best_metric`; the latest step when no metric is tracked."""
         if not self.keep_best_metric:
             return self.latest_step()
-        steps = {s: d for s, d in _step_dirs(self.directory).items() if _step_problem(d) is None}
-        return _best_step(steps, self.keep_best_metric, self.best_mode)
+        steps = {s: d for s, d in step_dirs(self.directory).items() if step_problem(d) is None}
+        return best_step(steps, self.keep_best_metric, self.best_mode)
 
     def save(self, step: int, state, data_state: dict, config: dict, metrics: dict | None = None,
              force: bool = False) -> bool:
@@ -187,7 +123,7 @@ class TrainCheckpointer:
 
         `abstract_state` is the train state with `jax.ShapeDtypeStruct` leaves that
         carry the target shardings (any mesh). With `step=None` the newest usable step
-        is taken: a newer step proven incomplete or corrupt (`_step_problem`, or array
+        is taken: a newer step proven incomplete or corrupt (`step_problem`, or array
         data that does not match its metadata) is moved to `<workdir>/checkpoints_corrupt/`,
         so training can save it anew, and the fallback is logged as an error naming the
         steps lost. Any other read failure is retried, then raises `CheckpointReadError`
@@ -233,10 +169,10 @@ class TrainCheckpointer:
         step_dir = self.directory / str(step)
 
         def read_metadata():
-            problem = _step_problem(step_dir)
+            problem = step_problem(step_dir)
             if problem is not None:
                 raise StepCorrupt(problem)
-            return _tree_metadata(step_dir / "state")
+            return tree_metadata(step_dir / "state")
 
         meta = self._retrying(step, read_metadata)
         if abstract_state is not None:

@@ -8,23 +8,18 @@ import pathlib
 from collections.abc import Mapping
 
 from embedder.checkpoint.exports import absolute_tokenizer
-from embedder.checkpoint.manager import _best_step, _step_dirs, _step_metrics, _step_problem
-from embedder.checkpoint.trees import CONFIG_FILE, MODEL_SPEC_FILE, _read_json, _tree_metadata, restore_tree
+from embedder.checkpoint.steps import best_step, step_dirs, step_metrics, step_problem
+from embedder.checkpoint.trees import CONFIG_FILE, MODEL_SPEC_FILE, read_json, restore_tree, tree_metadata
 
 log = logging.getLogger(__name__)
-
-
-def step_problem(step_dir: pathlib.Path) -> str | None:
-    """Why a train-checkpoint step directory is unusable, or None when it looks complete."""
-    return _step_problem(step_dir)
 
 
 def usable_steps(checkpoints: pathlib.Path) -> dict[int, pathlib.Path]:
     """`{step: directory}` of the complete steps under `checkpoints` (a workdir's checkpoints/);
     incomplete ones are skipped with a warning naming the problem."""
     good = {}
-    for step, directory in sorted(_step_dirs(checkpoints).items()):
-        problem = _step_problem(directory)
+    for step, directory in sorted(step_dirs(checkpoints).items()):
+        problem = step_problem(directory)
         if problem:
             log.warning("skipping checkpoint step %d of %s: %s", step, checkpoints.parent, problem)
         else:
@@ -32,20 +27,14 @@ def usable_steps(checkpoints: pathlib.Path) -> dict[int, pathlib.Path]:
     return good
 
 
-def best_step(steps: dict[int, pathlib.Path], metric: str, mode: str = "max") -> int | None:
-    """The step of `steps` whose recorded `metric` is best (`mode` "max" / "min"; ties: the later
-    step), or None when no step recorded it."""
-    return _best_step(steps, metric, mode)
-
-
 def recorded_metrics(steps: dict[int, pathlib.Path]) -> list[str]:
     """The metric names any of `steps` recorded with its checkpoint."""
-    return sorted({k for d in steps.values() for k in (_step_metrics(d) or {})})
+    return sorted({k for d in steps.values() for k in (step_metrics(d) or {})})
 
 
 def export_spec(directory: pathlib.Path) -> dict:
     """The model spec of a parameter export (its `model.json`), tokenizer file made absolute."""
-    return absolute_tokenizer(_read_json(directory / MODEL_SPEC_FILE), directory)
+    return absolute_tokenizer(read_json(directory / MODEL_SPEC_FILE), directory)
 
 
 def train_spec(step_dir: pathlib.Path, workdir: pathlib.Path) -> dict:
@@ -54,7 +43,7 @@ def train_spec(step_dir: pathlib.Path, workdir: pathlib.Path) -> dict:
     candidates = [step_dir / "config" / "metadata", workdir / CONFIG_FILE]
     for candidate in candidates:
         try:
-            config = _read_json(candidate)
+            config = read_json(candidate)
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(config, dict) and isinstance(config.get("model_spec"), dict):
@@ -66,7 +55,7 @@ def train_spec(step_dir: pathlib.Path, workdir: pathlib.Path) -> dict:
 def params_metadata(array_dir: pathlib.Path, subtree: str | None = None):
     """The tree (or its `subtree` key) of an Orbax array directory with metadata leaves
     (`.shape`, `.dtype`); no arrays read."""
-    tree = _tree_metadata(array_dir)
+    tree = tree_metadata(array_dir)
     return tree[subtree] if subtree else tree
 
 
@@ -74,7 +63,7 @@ def read_params(array_dir: pathlib.Path, subtree: str | None = None, shardings=N
     """The arrays of an Orbax array directory (or its `subtree` key): host numpy arrays, or placed
     on `shardings` (a matching tree, or one Sharding for every leaf). `leave_out`: top-level keys
     of the params not to read (with `subtree` only: a partial restore)."""
-    tree = _tree_metadata(array_dir)
+    tree = tree_metadata(array_dir)
     if subtree and leave_out and isinstance(tree, Mapping) and isinstance(tree.get(subtree), Mapping):
         tree = dict(tree, **{subtree: {k: v for k, v in tree[subtree].items() if k not in leave_out}})
     return restore_tree(array_dir, tree, shardings, subtree=subtree)

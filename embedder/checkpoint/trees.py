@@ -21,7 +21,7 @@ CHECKPOINTS_DIR = "checkpoints"
 QUARANTINE_DIR = "checkpoints_corrupt"
 TRAIN_ITEMS = ("state", "data", "config")
 # Orbax writes a step into "<step>.orbax-checkpoint-tmp-<n>" and renames it when complete.
-_TMP_MARKER = ".orbax-checkpoint-tmp"
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 def _key_name(key) -> str:
@@ -53,12 +53,12 @@ def _to_json_value(value):
     return value
 
 
-def _read_json(path: pathlib.Path):
+def read_json(path: pathlib.Path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def _write_json(path: pathlib.Path, value) -> None:
+def write_json(path: pathlib.Path, value) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(_to_json_value(value), f, indent=2, sort_keys=True)
@@ -66,7 +66,7 @@ def _write_json(path: pathlib.Path, value) -> None:
     tmp.replace(path)
 
 
-def _tree_metadata(array_dir: pathlib.Path) -> dict:
+def tree_metadata(array_dir: pathlib.Path) -> dict:
     """Shapes/dtypes of an Orbax PyTree directory, as the nested tree Orbax saved."""
     meta = ocp.PyTreeCheckpointHandler().metadata(array_dir)
     return meta.tree if hasattr(meta, "tree") else meta
