@@ -374,3 +374,27 @@ def test_loss_dims_default_to_the_model_s_own():
     for loss, want in (({}, {32, 16, 8}), ({"dims": (16,)}, {16})):
         (_, metrics), _ = jax.eval_shape(make_grad_fn(model, loss), params, batch, jax.random.key(1))
         assert {int(k[len("loss_d"):]) for k in metrics if k.startswith("loss_d")} == want
+
+
+def test_a_frozen_state_resumes_from_its_checkpoint(tmp_path):
+    """A frozen table's optimizer slots are empty MaskedNodes: the shardings tree keeps them, so the
+    restore target the train loop builds has the state's structure and a trained step restores."""
+    from embedder.checkpoint import TrainCheckpointer
+    from embedder.train.state import abstract_state
+
+    model, mesh, batch = StandInEncoder(), mesh_of((4, 2, 1)), make_batch(0)
+    optimizer = make_optimizer(dict(OPT, frozen=("^embedding$",)), total_steps=10)
+    with jax.set_mesh(mesh):
+        state, shardings = create_train_state(model, optimizer, jax.random.key(0), mesh,
+                                              sharding.DEFAULT_RULES, batch)
+        assert jax.tree.structure(state) == jax.tree.structure(shardings)
+        step = jit_train_step(make_train_step(model, LOSS, optimizer), shardings, mesh)
+        state, _ = step(state, sharding.host_to_global(batch, mesh), jax.random.key(1))
+        with TrainCheckpointer(tmp_path, async_save=False) as ckpt:
+            ckpt.save(1, state, {"step": 1}, {"seed": 0})
+            fresh, _ = create_train_state(model, optimizer, jax.random.key(5), mesh, sharding.DEFAULT_RULES, batch)
+            restored, data, _ = ckpt.restore(abstract_state=abstract_state(fresh, shardings))
+    assert data == {"step": 1}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == want.sharding

@@ -19,6 +19,7 @@ from embedder import sharding
 from embedder.data.abstract_batch import global_batch_shapes
 from embedder.data.batch_schema import sequence_shapes
 from embedder.train.setup import build_run
+from embedder.train.state import abstract_state
 
 log = logging.getLogger("embedder.train.compile_only")
 
@@ -135,10 +136,6 @@ def model_flops_per_step(model_cfg, non_embedding_params: int, seqs: Sequence[tu
 # -- abstract inputs ----------------------------------------------------------------------
 
 
-def _shape_dtype_tree(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 @dataclasses.dataclass
 class CompileReport:
     platform: str
@@ -200,8 +197,8 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
     mesh, model_cfg = run.mesh, run.model.config
     chunks = max(1, int(config.grad_cache_chunks))  # packed rows split evenly into chunks too
     global_shapes = global_batch_shapes(config, sharding.data_parallel_size(mesh) * chunks)
-    abstract_state = run.abstract_state
-    params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    abstract = run.abstract_state
+    params_total = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     non_embedding = params_total - embedding_param_count(model_cfg)
     flops = model_flops_per_step(model_cfg, non_embedding, sequence_shapes(global_shapes))
 
@@ -214,7 +211,7 @@ def compile_train_step(config, devices: Sequence[Any] | None = None, *, num_slic
                 f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}; change batch_size or mesh.shape")
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-    state = _shape_dtype_tree(abstract_state, run.state_shardings)
+    state = abstract_state(abstract, run.state_shardings)
     report = CompileReport(
         platform=devices[0].platform, topology=topology_name or f"local {devices[0].platform}",
         num_devices=len(devices), mesh=dict(mesh.shape), params_total=params_total,

@@ -31,6 +31,7 @@ from embedder.train.init_from import load_init_params, saved_tokenizer, source_t
 from embedder.train.preemption import Preemption
 from embedder.model.heads import model_params
 from embedder.train.setup import build_run
+from embedder.train.state import abstract_state
 from embedder.train.workdir_files import MetricsWriter, write_config_json
 
 log = logging.getLogger("embedder.train")
@@ -219,9 +220,7 @@ class Trainer:
     # -- state -------------------------------------------------------------
     def restore_or_init(self) -> int:
         if self.ckpt.all_steps():
-            abstract = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
-                self.state_shardings)
+            abstract = abstract_state(self.state, self.state_shardings)
             try:
                 # No explicit step: the checkpointer skips (and moves aside) corrupt latest steps.
                 state, data_state, _ = self.ckpt.restore(abstract_state=abstract)

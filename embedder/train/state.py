@@ -64,11 +64,20 @@ def state_shardings_for(model, optimizer: optax.GradientTransformation, mesh: Me
     params = nn.meta.unbox(boxed)
     opt_state = jax.eval_shape(optimizer.init, params)
     replicated = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_sh,
-                                   transform_non_params=lambda _: replicated,
-                                   is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    # A frozen parameter's optimizer slot is an empty MaskedNode: it stays one here, so this tree
+    # has the state's structure exactly (tree maps over both, restore targets).
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sh = optax.tree_map_params(optimizer, lambda x, s: x if masked(x) else s, opt_state, param_sh,
+                                   transform_non_params=lambda x: x if masked(x) else replicated,
+                                   is_leaf=masked)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
     return abstract, TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def abstract_state(state, shardings):
+    """`state` (arrays or shape/dtype structs) as `jax.ShapeDtypeStruct` leaves placed on
+    `shardings` (a tree of the same structure): the target of a restore or an AOT lowering."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, rng, mesh: Mesh, rules,
