@@ -104,3 +104,29 @@ def test_bitext_task_loads_infers_and_runs(tmp_path):
     (tmp_path / "pc").mkdir()
     (tmp_path / "pc" / "test.jsonl").write_text(json.dumps({"sentence1": "a", "sentence2": "b", "label": 1}) + "\n")
     assert infer_task_type(tmp_path / "pc") == "pair_classification"
+
+
+def test_mteb_runs_a_local_bitext_task_and_agrees_with_ours(tmp_path):
+    """`local_task` wraps a bitext directory as MTEB's BitextMining: MTEB's evaluator, on our
+    encoder's embeddings, gives our accuracy / precision / recall / F1."""
+    pytest.importorskip("torch")
+    from embedder.evaluate.mteb_adapter import MTEBEncoder, local_task
+
+    rng = np.random.RandomState(5)
+    vocab = [f"w{i}" for i in range(40)]
+    records = []
+    for _ in range(30):   # translations share some words with their source, so some are mined wrongly
+        src = list(rng.choice(vocab, 4, replace=False))
+        tgt = src[:2] + list(rng.choice(vocab, 2, replace=False))
+        records.append({"sentence1": " ".join(src), "sentence2": " ".join(tgt)})
+    d = tmp_path / "bitext"
+    d.mkdir()
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ours = evaluate_task(HashingEncoder(64), load_task(d), dims=[64])["dims"]["64"]
+    assert 0.2 < ours["accuracy"] < 1.0, "the task must be neither trivial nor hopeless"
+    enc = HashingEncoder(64)
+    theirs = local_task(d).evaluate(MTEBEncoder(encoder=enc), split="test", encode_kwargs={"batch_size": 8})
+    got = theirs["default"]
+    for name in ("accuracy", "precision", "recall", "f1"):
+        assert got[name] == pytest.approx(ours[name], abs=1e-6), name
+    assert {c["task"] for c in enc.calls} == {"sentence similarity"}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict
 from mteb.abstasks.classification import AbsTaskClassification
+from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
 from mteb.abstasks.clustering import AbsTaskClustering
 from mteb.abstasks.pair_classification import AbsTaskPairClassification
 from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -98,9 +99,9 @@ class MTEBEncoder(AbsEncoder):
 
 
 _LOCAL_TYPES = {"retrieval": "Retrieval", "classification": "Classification", "clustering": "Clustering",
-                "sts": "STS", "pair_classification": "PairClassification"}
+                "sts": "STS", "pair_classification": "PairClassification", "bitext_mining": "BitextMining"}
 _MAIN_SCORES = {"Retrieval": "ndcg_at_10", "Classification": "accuracy", "Clustering": "v_measure",
-                "STS": "cosine_spearman", "PairClassification": "max_ap"}
+                "STS": "cosine_spearman", "PairClassification": "max_ap", "BitextMining": "f1"}
 
 
 def local_task(task_dir, eval_lang: str = "eng-Latn"):
@@ -135,13 +136,17 @@ def local_task(task_dir, eval_lang: str = "eng-Latn"):
         elif ours.type == "sts":
             self.dataset = DatasetDict({"test": Dataset.from_dict(
                 {"sentence1": d["sentence1"], "sentence2": d["sentence2"], "score": d["scores"]})})
+        elif ours.type == "bitext_mining":
+            self.dataset = DatasetDict({"test": Dataset.from_dict(
+                {"sentence1": d["sentence1"], "sentence2": d["sentence2"]})})
         else:
             self.dataset = DatasetDict({"test": Dataset.from_dict(
                 {"sentence1": d["sentence1"], "sentence2": d["sentence2"], "labels": [int(x) for x in d["labels"]]})})
         self.data_loaded = True
 
     base = {"Retrieval": AbsTaskRetrieval, "Classification": AbsTaskClassification, "Clustering": AbsTaskClustering,
-            "STS": AbsTaskSTS, "PairClassification": AbsTaskPairClassification}[mteb_type]
+            "STS": AbsTaskSTS, "PairClassification": AbsTaskPairClassification,
+            "BitextMining": AbsTaskBitextMining}[mteb_type]
     attrs: dict[str, Any] = {"metadata": metadata, "load_data": load_data}
     if mteb_type == "STS":
         attrs.update(min_score=min(d["scores"]), max_score=max(d["scores"]))
