@@ -60,7 +60,7 @@ setup(
             "accelerate",  # sentence-transformers' trainer (experiments/minilm_st_side_by_side.py)
             "datasets",
         ],
-        "synth": ["google-genai", "httpx"],
+        "synth": ["google-genai", "httpx", "bm25s"],  # bm25s: `negatives --retriever bm25`
         "tpu": ["libtpu==0.0.42.*"],
     },
 )

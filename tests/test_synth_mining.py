@@ -1,8 +1,11 @@
-"""synth unit checks: top-k search, RRF, mining filters and rank windows, answer parsing, retries, records."""
+"""synth unit checks: top-k search, RRF, mining filters and rank windows (model and BM25), answer parsing,
+retries, records."""
 import collections
 import gzip
 import json
+import math
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from embedder.synth.answer_parsing import extract_json, parse_label, parse_ratin
 from embedder.synth.cache import ResponseCache, cache_key
 from embedder.synth.clients import parse_llm_spec
 from embedder.synth.llm_ranking import ranks_descending, reciprocal_rank_fusion
+from embedder.synth import cli, lexical
 from embedder.synth.nearest import exact_top_k, faiss_available, faiss_top_k
 from embedder.synth.negatives import MiningConfig, mine_negatives, normalise_text
 from embedder.synth.records import RecordError, read_pairs, read_passages
@@ -135,6 +139,160 @@ def test_mining_config_errors():
         MiningConfig(rank_window=(0, 5))
     with pytest.raises(ValueError, match="fewer than"):
         MiningConfig(rank_window=(3, 4), num_negatives=3)
+
+
+def reference_bm25(query, docs, k1=1.5, b=0.75):
+    """Plain-Python BM25 as bm25s scores it by default ("lucene"): idf = ln(1 + (N - df + 0.5) / (df + 0.5)),
+    term weight tf / (tf + k1 * (1 - b + b * |d| / avgdl)), summed over the query's tokens (a repeat counts
+    again), with the same tokenizer; returns [(score, doc index)] of the documents scoring > 0, best first."""
+    toks = [lexical.bm25_tokens(d) for d in docs]
+    n, avgdl = len(toks), sum(len(t) for t in toks) / len(toks)
+    df = collections.Counter(w for t in toks for w in set(t))
+    out = []
+    for j, t in enumerate(toks):
+        tf = collections.Counter(t)
+        s = sum(math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5)) * tf[w] / (tf[w] + k1 * (1 - b + b * len(t) / avgdl))
+                for w in lexical.bm25_tokens(query) if tf[w])
+        if s > 0:
+            out.append((s, j))
+    return sorted(out, key=lambda x: (-x[0], x[1]))
+
+
+def reference_bow_cosine(a, b):
+    ca, cb = collections.Counter(lexical.bm25_tokens(a)), collections.Counter(lexical.bm25_tokens(b))
+    dot = sum(ca[w] * cb[w] for w in ca)
+    return dot / math.sqrt(sum(v * v for v in ca.values()) * sum(v * v for v in cb.values()))
+
+
+def test_bm25_tokens_and_top_k_match_reference():
+    assert lexical.bm25_tokens("Foo-Bar, BAZ_2!") == ["foo", "bar", "baz_2"]
+    assert lexical.bm25_tokens("日本語 ok") == ["日本語", "ok", "日本", "本語"]
+    docs = ["the quick brown fox", "a quick quick dog jumps", "brown bears and brown foxes", "lazy dog sleeps",
+            "fox fox fox in a very long sentence about many other things entirely"]
+    index = lexical.BM25Index([lexical.bm25_tokens(d) for d in docs])
+    for q in ["quick fox", "brown brown dog", "dog", "unknown words only", "fox"]:
+        ref = reference_bm25(q, docs)
+        scores, idx = index.top_k(lexical.bm25_tokens(q), 3)
+        assert idx.tolist() == [j for _, j in ref[:3]], q
+        np.testing.assert_allclose(scores, [s for s, _ in ref[:3]], rtol=1e-5)
+    # Equal scores: the lower index first (docs 0 and 1 are the same text).
+    scores, idx = lexical.BM25Index([["x", "y"], ["x", "y"], ["z"]]).top_k(["x"], 1)
+    assert idx.tolist() == [0]
+
+
+APACHE = ("The Apache HTTP Server is a powerful and flexible web server. This package provides the "
+          "configuration files, modules and documentation needed to run Apache as a production web server "
+          "on Debian systems, with virtual hosts, TLS and logging set up")
+BM25_RECORDS = [
+    {"query": "apache web server configuration", "positive": APACHE, "title": "apache2"},
+    {"query": "nginx reverse proxy", "positive": "nginx is a small, fast web server and reverse proxy."},
+    {"query": "python web framework", "positive": "Flask is a lightweight Python web framework."},
+    {"query": "terminal text editor", "positive": "vim is a highly configurable terminal text editor."},
+]
+BM25_EXTRA = [
+    {"text": APACHE.upper().replace(",", ";") + "!"},              # a case / punctuation variant: duplicate
+    {"text": APACHE.replace("Debian", "Ubuntu")},                  # one word changed in a long text: duplicate
+    {"text": "lighttpd is a web server with fast configuration and a small memory footprint"},
+    {"text": "Apache Tomcat is a Java servlet container"},
+    {"text": "web server benchmark"},
+    {"text": "configuration management for many servers"},
+    {"text": "an image viewer for the desktop"},
+    {"text": "squid is a caching proxy for the web"},
+    {"text": "Django is a high-level Python web framework that encourages rapid development"},
+    {"text": "nano is a small and friendly text editor"},
+    {"text": "a terminal emulator for the desktop"},
+]
+
+
+def bm25_expected_candidates(query, positive_texts, corpus, threshold=0.95):
+    """Reference BM25 ranking with the positives and their near-duplicates removed."""
+    pos_norm = {normalise_text(p) for p in positive_texts}
+    out = []
+    for s, j in reference_bm25(query, corpus):
+        t = corpus[j]
+        if t in positive_texts:
+            continue
+        if normalise_text(t) in pos_norm or max(reference_bow_cosine(t, p) for p in positive_texts) >= threshold:
+            continue
+        out.append((s, t))
+    return out
+
+
+def test_bm25_mining_picks_reference_negatives_and_skips_duplicates():
+    corpus = [r["positive"] for r in BM25_RECORDS] + [d["text"] for d in BM25_EXTRA]
+    ranked = reference_bm25(BM25_RECORDS[0]["query"], corpus)
+    # The data is as meant: both variants of the positive outrank every other document lexically.
+    assert {j for _, j in ranked[:3]} == {0, 4, 5}
+    expected = bm25_expected_candidates(BM25_RECORDS[0]["query"], [APACHE], corpus)
+    assert len(expected) >= 4 and all(a[0] - b[0] > 1e-3 for a, b in zip(expected, expected[1:4]))
+    counts = collections.Counter()
+    cfg = MiningConfig(retriever="bm25", num_negatives=1, rank_window=(1, 1))
+    out = list(mine_negatives(BM25_RECORDS, None, config=cfg, extra_corpus=BM25_EXTRA, miner_name="bm25",
+                              counts=counts))
+    assert len(out) == len(BM25_RECORDS) and counts["dropped_near_duplicates"] >= 2
+    first = out[0]
+    assert first["negatives"] == [expected[0][1]]
+    m = first["synth"]["mining"]
+    assert m["retriever"] == "bm25" and m["miner"] == "bm25" and m["method"] == "rank_window" and m["ranks"] == [1]
+    np.testing.assert_allclose(m["scores"], [expected[0][0]], rtol=1e-4)
+    for r in out:
+        assert normalise_text(r["negatives"][0]) != normalise_text(r["positive"])
+        assert reference_bow_cosine(r["negatives"][0], r["positive"]) < 0.95
+        want = bm25_expected_candidates(r["query"], [r["positive"]], corpus)
+        assert r["negatives"] == [want[0][1]]
+    # The one-word variant is dropped by its bag-of-words cosine (0.98): with a threshold above 1 it is rank 1.
+    cfg = MiningConfig(retriever="bm25", num_negatives=1, rank_window=(1, 1), duplicate_threshold=1.01)
+    (first, *_) = mine_negatives(BM25_RECORDS, None, config=cfg, extra_corpus=BM25_EXTRA)
+    assert first["negatives"] == [BM25_EXTRA[1]["text"]]
+    # The rank window: ranks 2-3 of the surviving candidates, in rank order.
+    cfg = MiningConfig(retriever="bm25", num_negatives=2, rank_window=(2, 3))
+    (first, *_) = mine_negatives(BM25_RECORDS, None, config=cfg, extra_corpus=BM25_EXTRA)
+    assert first["negatives"] == [t for _, t in expected[1:3]] and first["synth"]["mining"]["ranks"] == [2, 3]
+
+
+def test_bm25_mining_only_retrieves_matching_documents():
+    records = [{"query": "zebra", "positive": "a zebra"}, {"query": "lion", "positive": "a lion"}]
+    extra = [{"text": "zebra stripes"}, {"text": "unrelated words"}]
+    counts = collections.Counter()
+    cfg = MiningConfig(retriever="bm25", num_negatives=1, rank_window=(1, 5))
+    out = list(mine_negatives(records, None, config=cfg, extra_corpus=extra, counts=counts))
+    # "zebra" matches one other document; "lion" none, so its record is not written.
+    assert [r["negatives"] for r in out] == [["zebra stripes"]] and counts["too_few_candidates"] == 1
+
+
+def test_mining_needs_an_encoder_for_the_model_retriever(monkeypatch):
+    with pytest.raises(ValueError, match="needs an encoder"):
+        mine_negatives(BM25_RECORDS, None, config=MiningConfig(index="exact"))
+    with pytest.raises(ValueError, match="--retriever 'tfidf'"):
+        MiningConfig(retriever="tfidf")
+    cfg = MiningConfig(num_negatives=1, rank_window=(1, 2), index="exact")
+    (r, *_) = mine_negatives(BM25_RECORDS, WordEncoder(), config=cfg, miner_name="words")
+    assert r["synth"]["mining"]["retriever"] == "model" and r["synth"]["mining"]["miner"] == "words"
+    monkeypatch.setitem(sys.modules, "bm25s", None)
+    with pytest.raises(ImportError, match="pip install bm25s"):
+        mine_negatives(BM25_RECORDS, None, config=MiningConfig(retriever="bm25"))
+
+
+def test_cli_negatives_with_bm25_needs_no_model(tmp_path, capsys):
+    inp, corpus, out = tmp_path / "in.jsonl", tmp_path / "corpus.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in BM25_RECORDS))
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in BM25_EXTRA))
+    args = ["negatives", "--in", str(inp), "--out", str(out), "--corpus", str(corpus), "--rank-window", "1:2"]
+    assert cli.run(args + ["--retriever", "bm25"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(BM25_RECORDS)
+    assert all(r["synth"]["mining"]["retriever"] == "bm25" and len(r["negatives"]) == 1 for r in rows)
+    all_text = [r["positive"] for r in BM25_RECORDS] + [d["text"] for d in BM25_EXTRA]
+    expected = bm25_expected_candidates(BM25_RECORDS[0]["query"], [APACHE], all_text)
+    assert rows[0]["negatives"][0] in [t for _, t in expected[:2]]
+    for bad, message in ((args, "--model PATH is required with --retriever model"),
+                         (args + ["--retriever", "bm25", "--model", "m"], "--retriever bm25 uses no embedding model")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.run(["negatives", "--help"])
+    assert "bm25: rank it by BM25" in " ".join(capsys.readouterr().out.split())
 
 
 def test_answer_parsing():

@@ -1,4 +1,5 @@
-"""Synthetic training data: LLM clients, query generation, LLM filtering, classification data, hard negatives.
+"""Synthetic training data: LLM clients, query generation, LLM filtering, classification data, hard negatives
+(embedding-model or BM25 mining).
 
 Command line: `python -m embedder.synth queries|filter|classify|negatives --help`.
 """

@@ -18,6 +18,7 @@ from embedder.synth.cache import MemoryCache, ResponseCache
 from embedder.synth.classify import ClassifySpec, generate_classification
 from embedder.synth.filtering import DEFAULT_PARAMS as FILTER_PARAMS, filter_pairs
 from embedder.synth.clients import make_client
+from embedder.synth.lexical import MissingBM25
 from embedder.synth.queries import DEFAULT_PARAMS as QUERY_PARAMS, generate_queries
 from embedder.synth.records import JsonlWriter, read_pairs, read_passages
 from embedder.synth.retry import FatalLLMError, RetryPolicy
@@ -76,19 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     _io_flags(c)
     _llm_flags(c, required=True)
 
-    n = sub.add_parser("negatives", help="mine hard negatives with an embedding model (optionally LLM-ranked)")
+    n = sub.add_parser("negatives",
+                       help="mine hard negatives with an embedding model or BM25 (optionally LLM-ranked)")
     _io_flags(n)
     _llm_flags(n, required=False)
-    n.add_argument("--model", required=True, help="embedding model PATH for Embedder.load")
+    n.add_argument("--retriever", default="model", choices=("model", "bm25"),
+                   help="model (default): rank the corpus by cosine of --model's embeddings; bm25: rank it by "
+                        "BM25 over the texts (bm25s, lower-cased words, CJK bigrams; no model), only documents "
+                        "sharing a word with the query")
+    n.add_argument("--model", help="embedding model PATH for Embedder.load (required with --retriever model)")
     n.add_argument("--corpus", help="extra documents (.jsonl[.gz] with text/title, or pair records)")
-    n.add_argument("--task", help="task string for the model's prompts (e.g. 'search result')")
+    n.add_argument("--task", help="task string for the model's prompts (e.g. 'search result'; --retriever model)")
     n.add_argument("--num-negatives", type=int, default=1)
     n.add_argument("--top-k", type=int, default=30, help="candidates per query shown to the LLM (default 30)")
     n.add_argument("--rank-window", default="10:30",
                    help="without --llm: pick negatives from these 1-based ranks, inclusive (default 10:30)")
     n.add_argument("--duplicate-threshold", type=float, default=0.95,
-                   help="drop candidates with cosine >= this to a positive (default 0.95)")
-    n.add_argument("--index", default="auto", choices=("auto", "exact", "faiss"))
+                   help="drop candidates with cosine >= this to a positive (default 0.95): embedding cosine, or "
+                        "bag-of-words cosine with --retriever bm25")
+    n.add_argument("--index", default="auto", choices=("auto", "exact", "faiss"),
+                   help="nearest-neighbour search for --retriever model (default auto)")
     n.add_argument("--relabel-positive", action="store_true", help="with --llm: the top-ranked candidate becomes the positive")
     n.add_argument("--batch-size", type=int, default=64)
     n.add_argument("--seed", type=int, default=0)
@@ -122,7 +130,13 @@ def _params(defaults, args):
 
 
 def run(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "negatives":
+        if args.retriever == "model" and not args.model:
+            parser.error("negatives: --model PATH is required with --retriever model (or use --retriever bm25)")
+        if args.retriever == "bm25" and (args.model or args.task):
+            parser.error("negatives: --retriever bm25 uses no embedding model: drop --model and --task")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     counts: collections.Counter = collections.Counter()
@@ -138,7 +152,7 @@ def run(argv=None) -> int:
         with JsonlWriter(args.out) as out:
             for record in _pipeline(args, runner, counts):
                 out.write(record)
-    except (ValueError, FileNotFoundError, FatalLLMError) as err:
+    except (ValueError, FileNotFoundError, FatalLLMError, MissingBM25) as err:
         sys.stderr.write(f"embedder.synth {args.command}: {err}\n")
         return 1
     finally:
@@ -171,7 +185,7 @@ def _pipeline(args, runner, counts):
 
 
 def _negatives(args, runner, counts):
-    # Imported here: mining needs scikit-learn (via embedder.evaluate) and JAX, the other commands neither.
+    # Imported here: mining needs bm25s or the model's libraries (JAX, scikit-learn), the other commands neither.
     from embedder.synth.negatives import MiningConfig, mine_negatives
 
     try:
@@ -179,13 +193,17 @@ def _negatives(args, runner, counts):
     except ValueError:
         raise ValueError(f"--rank-window {args.rank_window!r}: expected START:END, e.g. 10:30") from None
     params = {"temperature": 0.0 if args.temperature is None else args.temperature, "max_tokens": 16}
-    config = MiningConfig(num_negatives=args.num_negatives, top_k=args.top_k, rank_window=(lo, hi),
-                          duplicate_threshold=args.duplicate_threshold, index=args.index, seed=args.seed,
-                          relabel_positive=args.relabel_positive, llm_params=tuple(sorted(params.items())))
+    config = MiningConfig(retriever=args.retriever, num_negatives=args.num_negatives, top_k=args.top_k,
+                          rank_window=(lo, hi), duplicate_threshold=args.duplicate_threshold, index=args.index,
+                          seed=args.seed, relabel_positive=args.relabel_positive,
+                          llm_params=tuple(sorted(params.items())))
     records = list(_limited(read_pairs(args.inp, strict=args.strict, counts=counts), args.limit))
     extra = list(read_passages(args.corpus, strict=args.strict, counts=counts)) if args.corpus else []
     if not records:
         raise ValueError(f"--in {args.inp}: no usable records")
+    if args.retriever == "bm25":
+        return mine_negatives(records, None, config=config, extra_corpus=extra, runner=runner, miner_name="bm25",
+                              counts=counts)
     from embedder import Embedder
 
     encoder = Embedder.load(args.model)
