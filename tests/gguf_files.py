@@ -1,8 +1,10 @@
-"""Tiny random Gemma-family GGUF files, written as llama.cpp writes them (tensor names, norm
-scales stored as 1 + w, SentencePiece vocabulary in `tokenizer.ggml.*`), with quantised tensors."""
+"""Tiny Gemma-family GGUF files, written as llama.cpp writes them (tensor names, norm scales
+stored as 1 + w, SentencePiece vocabulary in `tokenizer.ggml.*`): random ones with quantised
+tensors, and transformers Gemma 1 / Gemma 2 models' weights."""
 from __future__ import annotations
 
 import pathlib
+import re
 
 import numpy as np
 
@@ -56,31 +58,34 @@ def _k_quant_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def write_tiny_gemma_gguf(path: pathlib.Path, sp_model: pathlib.Path, *, arch: str = "gemma3", seed: int = 0,
-                          quantized: bool = True, **overrides) -> pathlib.Path:
-    """Writes a tiny random `arch` ("gemma3" or "gemma2") GGUF file with `sp_model`'s vocabulary."""
+def _gemma_writer(path: pathlib.Path, sp_model: pathlib.Path, arch: str, *, layers: int, hidden: int, mlp: int,
+                  heads: int, kv_heads: int, head_dim: int, eps: float = 1e-6, rope_base: float | None = None,
+                  window: int | None = None, attn_softcap: float | None = None,
+                  final_softcap: float | None = None):
+    """A GGUFWriter holding llama.cpp's Gemma metadata and `sp_model`'s vocabulary
+    (`tokenizer.ggml.*`); keys given as None are not written. Returns it and the vocabulary size."""
     import gguf
 
-    q = gguf.GGMLQuantizationType
-    t = dict(TINY, **overrides)
     tokens, scores, types, trainer = _vocab(sp_model)
-    rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny random gemma")
     w.add_context_length(1024)
-    w.add_block_count(t["layers"])
-    w.add_embedding_length(t["hidden"])
-    w.add_feed_forward_length(t["mlp"])
-    w.add_head_count(t["heads"])
-    w.add_head_count_kv(t["kv_heads"])
-    w.add_key_length(t["head_dim"])
-    w.add_value_length(t["head_dim"])
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(1_000_000.0 if arch == "gemma3" else 10_000.0)
-    w.add_sliding_window(t["window"])
-    if arch == "gemma2":
-        w.add_float32(f"{arch}.attn_logit_softcapping", 50.0)
-        w.add_float32(f"{arch}.final_logit_softcapping", 30.0)
+    w.add_block_count(layers)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(mlp)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(eps)
+    if rope_base is not None:
+        w.add_rope_freq_base(rope_base)
+    if window is not None:
+        w.add_sliding_window(window)
+    if attn_softcap is not None:
+        w.add_float32(f"{arch}.attn_logit_softcapping", attn_softcap)
+    if final_softcap is not None:
+        w.add_float32(f"{arch}.final_logit_softcapping", final_softcap)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -92,6 +97,29 @@ def write_tiny_gemma_gguf(path: pathlib.Path, sp_model: pathlib.Path, *, arch: s
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
+    return w, len(tokens)
+
+
+def _finish(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tiny_gemma_gguf(path: pathlib.Path, sp_model: pathlib.Path, *, arch: str = "gemma3", seed: int = 0,
+                          quantized: bool = True, **overrides) -> pathlib.Path:
+    """Writes a tiny random `arch` ("gemma3" or "gemma2") GGUF file with `sp_model`'s vocabulary."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    t = dict(TINY, **overrides)
+    rng = np.random.default_rng(seed)
+    gemma2 = arch == "gemma2"
+    w, n_tokens = _gemma_writer(path, sp_model, arch, layers=t["layers"], hidden=t["hidden"], mlp=t["mlp"],
+                                heads=t["heads"], kv_heads=t["kv_heads"], head_dim=t["head_dim"],
+                                rope_base=1_000_000.0 if arch == "gemma3" else 10_000.0, window=t["window"],
+                                attn_softcap=50.0 if gemma2 else None, final_softcap=30.0 if gemma2 else None)
 
     def dense(rows, cols, scale=0.05):
         return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
@@ -112,7 +140,7 @@ def write_tiny_gemma_gguf(path: pathlib.Path, sp_model: pathlib.Path, *, arch: s
     h, f, d = t["hidden"], t["mlp"], t["head_dim"]
     nq, nkv = t["heads"] * d, t["kv_heads"] * d
     pick = (lambda kind: kind) if quantized else (lambda kind: q.F32)
-    add("token_embd.weight", dense(len(tokens), h, 0.5), pick(q.Q8_0))
+    add("token_embd.weight", dense(n_tokens, h, 0.5), pick(q.Q8_0))
     add("output_norm.weight", norm(h))
     for i in range(t["layers"]):
         b = f"blk.{i}."
@@ -134,8 +162,58 @@ def write_tiny_gemma_gguf(path: pathlib.Path, sp_model: pathlib.Path, *, arch: s
             add(b + "ffn_gate.weight", dense(f, h))
             add(b + "ffn_up.weight", dense(f, h))
         add(b + "ffn_down.weight", dense(h, f), pick(q.Q8_0))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
+    return path
+
+
+# transformers layer tensor -> llama.cpp name (gguf-py's TensorNameMap for the Gemma architectures).
+_HF_LAYER_TO_GGUF = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(hf_name: str, arch: str) -> str:
+    if hf_name == "embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "norm.weight":
+        return "output_norm.weight"
+    layer, kind = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", hf_name).groups()
+    if kind == "post_attention_layernorm":  # Gemma 1: the norm before the FFW; Gemma 2: after attention
+        name = "ffn_norm" if arch == "gemma" else "post_attention_norm"
+    else:
+        name = _HF_LAYER_TO_GGUF[kind]
+    return f"blk.{layer}.{name}.weight"
+
+
+def write_hf_gemma_gguf(path: pathlib.Path, sp_model: pathlib.Path, config, state: dict,
+                        *, rope_freq_base: bool = False) -> pathlib.Path:
+    """Writes a transformers GemmaModel / Gemma2Model (`config`, and `state`: its state dict as
+    numpy arrays) as llama.cpp's convert_hf_to_gguf.py writes it: F32 tensors in torch's
+    (out, in) layout under llama.cpp's names, every RMSNorm scale w stored as 1 + w, the
+    metadata that converter writes and `sp_model`'s vocabulary (whose size must be the
+    config's). The converter writes no rope.freq_base for these architectures (llama.cpp
+    then runs 10,000); `rope_freq_base=True` writes the config's rope_theta, which llama.cpp
+    reads when present."""
+    arch = config.model_type
+    if arch not in ("gemma", "gemma2"):
+        raise ValueError(f"not a Gemma 1 / Gemma 2 config: {arch!r}")
+    gemma2 = arch == "gemma2"
+    w, n_tokens = _gemma_writer(
+        path, sp_model, arch, layers=config.num_hidden_layers, hidden=config.hidden_size,
+        mlp=config.intermediate_size, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, eps=config.rms_norm_eps,
+        rope_base=config.rope_parameters["rope_theta"] if rope_freq_base else None,
+        window=config.sliding_window if gemma2 else None,
+        attn_softcap=config.attn_logit_softcapping if gemma2 else None,
+        final_softcap=config.final_logit_softcapping if gemma2 else None)
+    if n_tokens != config.vocab_size:
+        raise ValueError(f"the config has vocab_size {config.vocab_size}, the SentencePiece model {n_tokens} pieces")
+    for name, value in state.items():
+        value = np.asarray(value, np.float32)
+        if name.endswith("norm.weight"):
+            value = value + 1.0
+        w.add_tensor(_gguf_name(name, arch), value)
+    _finish(w)
     return path
