@@ -39,22 +39,26 @@ def write_rows(out: pathlib.Path, rows) -> None:
 
 
 def mine(out: pathlib.Path, records: list[dict], n_pairs: int, base, seed: int, log, *,
-         num_negatives: int = 1) -> dict:
-    """The first `n_pairs` of `records`, each with `num_negatives` hard negatives mined by the
-    `base` Embedder (exact top-k over those pairs' documents, the positive and near-duplicates
-    skipped)."""
+         num_negatives: int = 1, retriever: str = "model", rank_window: tuple[int, int] = (10, 30),
+         corpus: Sequence[str] = ()) -> dict:
+    """The first `n_pairs` of `records`, each with `num_negatives` hard negatives from `rank_window`
+    (1-based ranks) of the candidates retrieved by the `base` Embedder (`retriever` "model", exact
+    top-k) or by BM25 ("bm25", `base` unused), the positive and near-duplicates skipped. The corpus
+    is those pairs' documents plus `corpus` (more descriptions, e.g. the other training pairs')."""
     from embedder.synth.negatives import MiningConfig, mine_negatives
 
     if len(records) < n_pairs:
         raise SystemExit(f"{len(records)} pairs left: too few to mine {n_pairs}; lower the steps or the batch")
     pairs = [{"query": r["query"], "positive": r["positive"]} for r in records[:n_pairs]]
     t0, c0 = time.time(), time.process_time()
-    mined = list(mine_negatives(pairs, base, config=MiningConfig(num_negatives=num_negatives, index="exact",
-                                                                 seed=seed),
-                                task="search result"))
+    config = MiningConfig(num_negatives=num_negatives, index="exact", seed=seed, retriever=retriever,
+                          rank_window=tuple(rank_window))
+    mined = list(mine_negatives(pairs, base if retriever == "model" else None, config=config,
+                                extra_corpus=[{"text": t} for t in corpus], task="search result"))
     stats = {"pairs": len(mined), "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     write_rows(out, mined)
-    log.info("mined %d pairs in %.0fs", len(mined), stats["wall_s"])
+    log.info("mined %d pairs (%s, ranks %s, corpus %d + %d) in %.0fs", len(mined), retriever, rank_window,
+             len(pairs), len(corpus), stats["wall_s"])
     return stats
 
 

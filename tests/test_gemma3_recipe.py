@@ -112,3 +112,11 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     assert done["settings"]["stage1"]["lr"] == 1e-3 and [s for s, _ in done["curve"]] == [1]
     with pytest.raises(SystemExit, match="unknown key"):
         probe.main(["--recipe", str(wd), "--name", "x", "--set", '{"learning_rate": 1}'])
+    # A stage-2 probe from the stage-1 export, its negatives mined by BM25 over more descriptions.
+    assert probe.main(["--recipe", str(wd), "--stage", "2", "--name", "bm25", "--set",
+                       '{"miner": "bm25", "rank_window": [1, 5], "mine_corpus": "rest", "steps": 1}']) == 0
+    done = json.loads((wd / "probes" / "bm25" / "probe.json").read_text())
+    assert done["stage"] == 2 and [s for s, _ in done["curve"]] == [1]
+    mined = [json.loads(line) for line in (wd / "probes" / "bm25" / "mined.jsonl").read_text().splitlines()]
+    assert mined and all(r["synth"]["mining"]["retriever"] == "bm25" and r["negatives"] for r in mined)
+    assert all(1 <= rank <= 5 for r in mined for rank in r["synth"]["mining"]["ranks"])
