@@ -1,6 +1,7 @@
 """Quantisation: int4 packing, the QAT forward against a NumPy fake quantisation, straight-through
-gradients, PTQ closeness, quantised exports through the model store, the int8 encode path and a
-QAT step through the gradient cache."""
+gradients, the QAT lookup's gathered rows against the whole quantised table, PTQ closeness,
+quantised exports through the model store, the int8 encode path and a QAT step through the
+gradient cache."""
 import json
 import math
 import subprocess
@@ -134,6 +135,68 @@ def test_gradients_pass_straight_through():
         numpy_fake_quantize(params, "int4", 16))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_qat), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny-bert"])
+def test_qat_table_rows_equal_whole_table_quantisation(family):
+    """The QAT lookup quantises only the gathered rows of the token table: per scheme, the same
+    forward and the same gradients (the table's included, repeated tokens summed) as the whole
+    params tree fake-quantised in JAX ahead of the float model, and as the float model at the
+    NumPy fake-quantised params (straight through: the float gradient at the quantised point)."""
+    from embedder.model.quant import fake_quantize_params
+
+    cfg = get_model_config(family)
+    params = init_params(cfg)
+    ids = np.random.default_rng(4).integers(1, 40, (3, 8)).astype(np.int32)   # tokens repeat
+    mask = np.ones_like(ids)
+    mask[2, 6:] = 0
+    table = "embedding" if family == "tiny" else "word_embedding"
+    plain = EmbeddingModel(cfg)
+    loss = lambda model: lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, ids, mask)))
+    for scheme in SCHEMES:
+        qat = EmbeddingModel(cfg.replace(quant_scheme=scheme, quant_block=16))
+        whole = lambda p: jnp.sum(jnp.sin(plain.apply({"params": fake_quantize_params(p, scheme, 16)}, ids, mask)))
+        got, g_got = jax.value_and_grad(loss(qat))(params)
+        old, g_old = jax.value_and_grad(whole)(params)
+        ref, g_ref = jax.value_and_grad(loss(plain))(numpy_fake_quantize(params, scheme, 16))
+        np.testing.assert_allclose(got, old, rtol=1e-6, err_msg=scheme)
+        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5, err_msg=scheme)
+        g_table = np.asarray(g_got["encoder"][table])
+        assert np.count_nonzero(np.any(g_table != 0, axis=1)) == len(np.unique(ids[mask == 1])), scheme
+        np.testing.assert_allclose(g_table, g_old["encoder"][table], atol=1e-6, rtol=1e-5, err_msg=scheme)
+        np.testing.assert_allclose(g_table, g_ref["encoder"][table], atol=1e-5, rtol=1e-4, err_msg=scheme)
+        for (path, a), b, c in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_old),
+                                   jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=f"{scheme} {jax.tree_util.keystr(path)}")
+            np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4, err_msg=f"{scheme} {jax.tree_util.keystr(path)}")
+
+
+def _outputs(jaxpr):
+    """Every equation output of `jaxpr`, its sub-jaxprs' included (calls, custom VJPs, scans)."""
+    for eqn in jaxpr.eqns:
+        yield from eqn.outvars
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _outputs(sub)
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny-bert"])
+def test_qat_forward_makes_no_table_sized_array(family):
+    """A big vocabulary and a small width: the QAT forward's traced program makes no array as large
+    as the token table (the table is a parameter; only its gathered rows are fake-quantised)."""
+    cfg = get_model_config(family, vocab_size=1 << 16)
+    params = init_params(cfg)
+    ids = np.arange(1, 17, dtype=np.int32).reshape(2, 8)
+    mask = np.ones_like(ids)
+    table = params["encoder"]["embedding" if family == "tiny" else "word_embedding"]
+    for scheme in SCHEMES:
+        qat = EmbeddingModel(cfg.replace(quant_scheme=scheme, quant_block=16))
+        jaxpr = jax.make_jaxpr(lambda p: qat.apply({"params": p}, ids, mask))(params).jaxpr
+        assert any(v.aval.shape == table.shape for v in jaxpr.invars)
+        sizes = [math.prod(v.aval.shape) for v in _outputs(jaxpr) if hasattr(v.aval, "shape")]
+        assert sizes and max(sizes) < table.size // 8, scheme
 
 
 def _spec(cfg):

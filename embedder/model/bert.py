@@ -9,6 +9,7 @@ from embedder.model.attention import Attention, PackedMask
 from embedder.model.config import ModelConfig
 from embedder.model.feedforward import FeedForward
 from embedder.model.norms import LayerNorm
+from embedder.model.quant import lookup_rows
 from embedder.model.remat import remat_block
 from embedder.model.scan import STACK_NAME, scanned_block
 
@@ -59,21 +60,22 @@ class BertEncoder(nn.Module):
                 f"{cfg.max_position_embeddings}; truncate inputs to that length")
 
         def table(name, rows, axis):
-            return jnp.asarray(self.param(
-                name, nn.with_logical_partitioning(_EMBED_INIT, (axis, "embed")),
-                (rows, cfg.hidden_size), pdtype), dtype)
+            return self.param(name, nn.with_logical_partitioning(_EMBED_INIT, (axis, "embed")),
+                              (rows, cfg.hidden_size), pdtype)
 
         words = table("word_embedding", cfg.vocab_size, "vocab")
-        positions = table("position_embedding", cfg.max_position_embeddings, "position")
-        types = table("type_embedding", cfg.type_vocab_size, "types")
+        positions = jnp.asarray(table("position_embedding", cfg.max_position_embeddings, "position"), dtype)
+        types = jnp.asarray(table("type_embedding", cfg.type_vocab_size, "types"), dtype)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if isinstance(attention_mask, PackedMask):  # positions restart for each packed sequence
             position_embedding = jnp.take(positions, attention_mask.positions, axis=0)
         else:
             position_embedding = positions[None, :length]
-        x = (jnp.take(words, input_ids, axis=0) + jnp.take(types, token_type_ids, axis=0)
-             + position_embedding)
+        # QAT: the gathered word rows are fake-quantised, not the table (`quant.lookup_rows`).
+        word_rows = lookup_rows(words, input_ids, dtype, "/".join((*self.scope.path, "word_embedding")),
+                                "" if self.is_initializing() else cfg.quant_scheme, cfg.quant_block)
+        x = word_rows + jnp.take(types, token_type_ids, axis=0) + position_embedding
         x = LayerNorm(cfg.layer_norm_eps, pdtype, name="embed_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic or cfg.dropout_rate == 0)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

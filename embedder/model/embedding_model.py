@@ -58,7 +58,8 @@ class EmbeddingModel(nn.Module):
     def _quantized(self, module_cls, name: str):
         """`module_cls`, or with `config.quant_scheme` the same module whose params are fake-
         quantised on the way in (`nn.map_variables`: the params tree keeps its paths and shapes;
-        gradients pass straight through to the float weights)."""
+        gradients pass straight through to the float weights). The token embedding tables come in
+        float: the encoders' lookups quantise the rows they gather (`quant.lookup_rows`)."""
         cfg = self.config
         if not cfg.quant_scheme or self.is_initializing():
             return module_cls
@@ -67,6 +68,6 @@ class EmbeddingModel(nn.Module):
             if not variables.get("params"):   # an identity head has no params
                 return variables
             return {**variables, "params": fake_quantize_params(variables["params"], cfg.quant_scheme,
-                                                                cfg.quant_block, prefix=name)}
+                                                                cfg.quant_block, prefix=name, tables=False)}
 
         return nn.map_variables(module_cls, "params", trans_in_fn=fake_quantize)

@@ -9,6 +9,7 @@ from embedder.model.attention import Attention
 from embedder.model.config import ModelConfig
 from embedder.model.feedforward import GatedFeedForward
 from embedder.model.norms import RMSNorm
+from embedder.model.quant import lookup_rows
 from embedder.model.remat import remat_block
 from embedder.model.scan import STACK_NAME, scanned_block
 
@@ -58,7 +59,9 @@ class GemmaEncoder(nn.Module):
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
-        x = jnp.take(jnp.asarray(table, dtype), input_ids, axis=0)
+        # QAT: the gathered rows are fake-quantised, not the table (`quant.lookup_rows`).
+        x = lookup_rows(table, input_ids, dtype, "/".join((*self.scope.path, "embedding")),
+                        "" if self.is_initializing() else cfg.quant_scheme, cfg.quant_block)
         # The sqrt(d) factor is cast to the compute dtype first, as HF does (55.5 in bf16).
         x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -11,6 +11,10 @@ head projections) and the token embedding tables (`embedding`, `word_embedding`)
 biases, BERT's position and type tables stay float. A kernel's scale runs over its contracted
 axes (the input features: one scale per output channel, or per `block` of input features); a
 table's over its width (one per token row, or per block of it) - the lookup reads a row.
+
+A table's scales being per row, quantisation-aware training fake-quantises only the rows a
+lookup gathers (`lookup_rows`): the same values, and straight through the same gradient, as the
+whole quantised table, without quantising the whole table on every forward.
 """
 
 from __future__ import annotations
@@ -61,12 +65,17 @@ def scheme_rules(scheme: str, block: int = 32) -> tuple[tuple[str, QuantFormat],
     return ((r"(^|/)attention/", int8), (r".*", int4))
 
 
+def is_table(path: str) -> bool:
+    """Whether the leaf at `path` is a token embedding table (`TABLE_NAMES`)."""
+    return path.split("/")[-1] in TABLE_NAMES
+
+
 def reduction_axes(path: str, ndim: int) -> tuple[int, ...] | None:
     """The axes a leaf's scales run over (None: the leaf is not quantised). `path` is the leaf's
     '/'-joined path in the model's params (`encoder/layer_0/attention/o/w`)."""
     parts = path.split("/")
     lead = 1 if STACK_NAME in parts[:-1] else 0   # stacked layers: per layer
-    if parts[-1] in TABLE_NAMES:
+    if is_table(path):
         return (ndim - 1,)
     if parts[-1] != "w" or "teacher_projection" in parts:
         return None
@@ -183,18 +192,43 @@ def _map_leaves(params, fn):
     return jax.tree.unflatten(treedef, [fn(p, leaf) for p, leaf in zip(paths, leaves)])
 
 
-def fake_quantize_params(params, scheme: str, block: int = 32, prefix: str = ""):
+def fake_quantize_params(params, scheme: str, block: int = 32, prefix: str = "", tables: bool = True):
     """`params` with every leaf the scheme quantises replaced by its straight-through fake
     quantisation (JAX arrays; differentiable). `prefix` is the path of `params` in the model's
-    tree when they are a subtree (`encoder`)."""
+    tree when they are a subtree (`encoder`). `tables=False` leaves the token embedding tables
+    float: their lookups quantise the rows they gather (`lookup_rows`)."""
     full = (prefix + "/") if prefix else ""
     table = plan({full + p: tuple(np.shape(v)) for p, v in _flat(params).items()}, scheme, block)
 
     def one(path, leaf):
         info = table.get(full + path)
-        return leaf if info is None else straight_through(leaf, _info_key(info))
+        if info is None or (not tables and is_table(full + path)):
+            return leaf
+        return straight_through(leaf, _info_key(info))
 
     return _map_leaves(params, one)
+
+
+def fake_quantize_rows(rows, path: str, table_shape, scheme: str, block: int = 32):
+    """`rows` (`[..., width]`, gathered from the token table at `path` of shape `table_shape`)
+    fake-quantised straight through as `fake_quantize_params` quantises that table: the table's
+    scales run over its width (one per row, or per block of it), so each row gets the values of
+    its row of the quantised table, and its gradient reaches the table unchanged."""
+    info = plan({path: tuple(table_shape)}, scheme, block).get(path)
+    if info is None:
+        return rows
+    if info["axes"] != [len(table_shape) - 1] or rows.shape[-1] != table_shape[-1]:
+        raise ValueError(f"{path}: rows {rows.shape} of a table {tuple(table_shape)} are not quantised per row")
+    return straight_through(rows, _info_key(dict(info, axes=[rows.ndim - 1])))
+
+
+def lookup_rows(table, ids, dtype, path: str, scheme: str = "", block: int = 32):
+    """`table[ids]` as `dtype`. With a quantisation `scheme`, the gathered rows are fake-quantised
+    (`fake_quantize_rows`) before the cast, as the whole table was before it."""
+    if not scheme:
+        return jnp.take(jnp.asarray(table, dtype), ids, axis=0)
+    rows = jnp.take(table, ids, axis=0)
+    return jnp.asarray(fake_quantize_rows(rows, path, table.shape, scheme, block), dtype)
 
 
 def quantize_params(params, scheme: str, block: int = 32):
