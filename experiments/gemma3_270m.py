@@ -339,8 +339,20 @@ class Recipe:
         out = self.wd / name
         if (out / "export" / "model.json").is_file():
             return out
+        from embedder.checkpoint import CHECKPOINTS_DIR, usable_steps
+
+        resumed_from = max(usable_steps(out / CHECKPOINTS_DIR), default=0)
         self.timed(name, lambda: train(config, out), steps=int(config.total_steps), batch=int(config.batch_size),
-                   grad_cache_chunks=int(config.grad_cache_chunks), dtype=self.dtype)
+                   grad_cache_chunks=int(config.grad_cache_chunks), dtype=self.dtype, resumed_from=resumed_from)
+        # A resumed stage's wall_s covers the last start only; the step times of every start are in
+        # its metrics (a killed start's steps after its last checkpoint are logged twice: kept once).
+        rows = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r.get("train/examples_per_sec"):
+                rows[int(r["step"])] = int(config.batch_size) / float(r["train/examples_per_sec"])
+        self.timing[name]["step_seconds_all_starts"] = round(sum(rows.values()), 1)
+        self.timing_file.write_text(json.dumps(self.timing, indent=1))
         return out
 
     def stage1(self, records: list[dict]) -> pathlib.Path:
