@@ -20,7 +20,7 @@ workdir refuses other settings):
 - **stage2** (finetune): from stage 1, one-dataset batches over the retrieval triples and the
   section triples; three runs that differ in seed, learning rate and mixture.
 - **soup**: uniform and greedy soups of the stage-2 runs (greedy selection on the validation task).
-- **export**: the best model on the validation task through `to-hf`, checked in sentence-transformers.
+- **export**: the best model on the validation task (stage 1, a stage-2 run or a soup) through `to-hf`, checked in sentence-transformers.
 
 `--stages a,b` runs only those stages; a stage whose inputs are missing stops with a line naming
 the stage to run first. Writes `results.md`, `results.json`, `results.png`, `learning_curve.png`,
@@ -593,14 +593,19 @@ def main(argv=None) -> int:
         for path in run.soups().values():
             run.evaluate(path.name, path, others=True)
     if "export" in stages:
-        candidates = {f"2: {s['name']}": wd / f"stage2_{s['name']}" / "export" for s in settings["runs"]}
+        # Stage 1 is a candidate too: a stage 2 that does not help is not exported over it.
+        candidates = {"1: pre-finetuned": wd / "stage1" / "export"}
+        candidates.update({f"2: {s['name']}": wd / f"stage2_{s['name']}" / "export" for s in settings["runs"]})
         candidates.update({"uniform soup": wd / "soup_uniform", "greedy soup": wd / "soup_greedy"})
         for name, path in candidates.items():
-            run.need(path, "export", "soup" if "soup" in name else "stage2")
-        scores = {n: run.select_score(run.evaluate(pathlib.Path(p).parent.name if n.startswith("2:") else
-                                                   pathlib.Path(p).name, p)) for n, p in candidates.items()}
+            run.need(path, "export", "soup" if "soup" in name else "stage1" if name.startswith("1:") else "stage2")
+
+        def key(n):   # the name a candidate's evaluation is stored under
+            return pathlib.Path(candidates[n]).parent.name if n[:2] in ("1:", "2:") else pathlib.Path(candidates[n]).name
+
+        scores = {n: run.select_score(run.evaluate(key(n), p)) for n, p in candidates.items()}
         best = max(scores, key=scores.get)
-        name = pathlib.Path(candidates[best]).parent.name if best.startswith("2:") else pathlib.Path(candidates[best]).name
+        name = key(best)
         run.evaluate(name, candidates[best], others=True)
         extra["export"] = dict(run.export(candidates[best]), model=best, validation_scores=scores)
         (wd / "export.json").write_text(json.dumps(extra["export"], indent=1))
