@@ -15,14 +15,18 @@ workdir refuses other settings):
   the converted LLM with a fresh 640 -> 768 projection, Matryoshka 768/512/256/128, EmbeddingGemma's
   prompts, the embedding table frozen, packed batches. Scored on the validation task as it trains
   (the learning curve, `learning_curve.png`).
-- **mine**: the stage-1 model mines one hard negative per retrieval pair and the hardest wrong
-  section per description -> section row, on training pairs stage 1 did not see.
-- **stage2** (finetune): from stage 1, one-dataset batches over the retrieval triples and the
-  section triples; three runs that differ in seed, learning rate and mixture.
-- **soup**: uniform and greedy soups of the stage-2 runs (greedy selection on the validation task).
+- **mine**: one hard negative per retrieval pair, on training pairs stage 1 did not see: by default
+  BM25's ranks 1-10 among every remaining training description (`stage2.miner` "model" uses the
+  stage-1 model). A run that mixes in description -> section rows (`section_share`) gets the
+  hardest wrong section by the stage-1 model.
+- **stage2** (finetune): from stage 1, the retrieval triples (one hard negative each, in-batch
+  negatives too); three runs that differ in seed and learning rate.
+- **soup**: the uniform soup of the stage-2 runs, and a greedy soup over them and stage 1 (selected
+  on the validation task).
 - **export**: the best model on the validation task (stage 1, a stage-2 run or a soup) through `to-hf`, checked in sentence-transformers.
 
-`--stages a,b` runs only those stages; a stage whose inputs are missing stops with a line naming
+`--reuse-stage1 OLD` starts a new workdir from OLD's convert and stage 1 when only stage-2 settings
+differ. `--stages a,b` runs only those stages; a stage whose inputs are missing stops with a line naming
 the stage to run first. Writes `results.md`, `results.json`, `results.png`, `learning_curve.png`,
 `settings.json` and `timing.json` in the workdir.
 """
@@ -62,10 +66,16 @@ REFERENCES = {"BM25 + stemming": {"nDCG@10 @768": 0.839, "R@10 @768": 0.907},
 DEFAULT = dict(
     # lr: 5e-5 scored 0.808 on the validation task after 20 steps, 2e-4 0.794 (experiments/results).
     stage1=dict(steps=200, batch=64, chunks=4, lr=5e-5, warmup=10, eval_every=50),
-    stage2=dict(steps=40, batch=32, chunks=2, section_share=0.25, lr=3e-5, warmup=4),
-    # Ingredients: the base run, another seed with a larger learning rate, more section batches.
-    runs=(dict(name="a_seed0", seed=0), dict(name="b_seed1_lr5e-5", seed=1, lr=5e-5),
-          dict(name="c_seed2_sections", seed=2, section_share=0.5)),
+    # Stage 2: retrieval triples only, one BM25 negative from ranks 1-10 among every remaining
+    # training description. On the validation task, from stage 1's 0.890: this 0.896; with a quarter
+    # of description -> section batches 0.873, with the stage-1 model's negatives (ranks 10-30 among
+    # the stage-2 rows) and those section batches 0.879 (experiments/results/gemma3_270m/probes.json).
+    stage2=dict(steps=40, batch=32, chunks=2, section_share=0.0, lr=3e-5, warmup=4,
+                miner="bm25", mine_corpus="rest", rank_window=(1, 10)),
+    # Ingredients: three seeds at three learning rates (stage 1 ended annealed to 0; how far stage 2
+    # may move it is the open lever). The greedy soup may also take stage 1 itself.
+    runs=(dict(name="a_seed0", seed=0), dict(name="b_seed1_lr1e-5", seed=1, lr=1e-5),
+          dict(name="c_seed2_lr5e-5", seed=2, lr=5e-5)),
     validation=dict(queries=400, corpus=2000, seed=0),
     query_max_length=32, document_max_length=96, eval_max_length=128, eval_max_queries=0, eval_max_corpus=0,
     temperature=0.05, seed=0, dtype="auto")
@@ -372,31 +382,58 @@ class Recipe:
             c.eval.every_steps = int(st["eval_every"])
         return self.train("stage1", c)
 
-    def mine(self, records: list[dict]) -> tuple[pathlib.Path, pathlib.Path]:
-        """Hard negatives by the stage-1 model, on the pairs after stage 1's."""
+    def mine_retrieval(self, out: pathlib.Path, st: dict) -> None:
+        """Stage 2's retrieval rows (the pairs after stage 1's), one hard negative each, into `out`.
+        `st` (stage-2 settings) picks the miner ("model": the stage-1 export; "bm25"), the 1-based
+        `rank_window` the negative is drawn from, and the candidates (`mine_corpus` "rows": the
+        stage-2 rows' descriptions; "rest": every later training pair's description as well)."""
+        miner, corpus_kind = st.get("miner", "model"), st.get("mine_corpus", "rows")
+        if miner not in ("model", "bm25") or corpus_kind not in ("rows", "rest"):
+            raise SystemExit(f"stage 2: miner {miner!r} / mine_corpus {corpus_kind!r}: use model|bm25 and rows|rest")
+        st1 = self.s["stage1"]
+        rows = st["steps"] * st["batch"]
+        rest = self.records()[st1["steps"] * st1["batch"]:]
+        corpus = [r["positive"] for r in rest[rows:]] if corpus_kind == "rest" else []
+        model = self.load(self.need(self.wd / "stage1" / "export", "mine", "stage1")) if miner == "model" else None
+        recipe.mine(out, rest, rows, model, self.s["seed"], self.log, retriever=miner,
+                    rank_window=tuple(st.get("rank_window", (10, 30))), corpus=corpus)
+
+    def section_share(self, run: dict) -> float:
+        return float(run.get("section_share", self.s["stage2"].get("section_share", 0.0)))
+
+    def mine(self) -> None:
+        """Hard negatives for stage 2 and, when a run mixes in section rows, the hardest wrong
+        section per description by the stage-1 model (on the pairs after the retrieval rows)."""
         st1, st2 = self.s["stage1"], self.s["stage2"]
-        skip = st1["steps"] * st1["batch"]
-        rows = st2["steps"] * st2["batch"]
         mined, sections = self.wd / "mined.jsonl", self.wd / "section_rows.jsonl"
-        if mined.is_file() and sections.is_file():
-            return mined, sections
-        model = self.load(self.need(self.wd / "stage1" / "export", "mine", "stage1"))
-        rest = records[skip:]
-        self.timed("mine", lambda: (recipe.mine(mined, rest, rows, model, self.s["seed"], self.log),
-                                    recipe.mine_sections(sections, rest, rows, rows, model, self.log)), rows=rows)
-        return mined, sections
+        want_sections = any(self.section_share(r) > 0 for r in self.s["runs"])
+        if mined.is_file() and (sections.is_file() or not want_sections):
+            return
+        self.need(self.wd / "stage1" / "export", "mine", "stage1")
+        rows = st2["steps"] * st2["batch"]
+
+        def build():
+            if not mined.is_file():
+                self.mine_retrieval(mined, st2)
+            if want_sections and not sections.is_file():
+                model = self.load(self.wd / "stage1" / "export")
+                recipe.mine_sections(sections, self.records()[st1["steps"] * st1["batch"]:], rows, rows, model,
+                                     self.log)
+
+        self.timed("mine", build, rows=rows)
 
     def stage2(self, run: dict) -> pathlib.Path:
         mined = self.need(self.wd / "mined.jsonl", "stage2", "mine")
-        sections = self.need(self.wd / "section_rows.jsonl", "stage2", "mine")
         st = dict(self.s["stage2"], **{k: v for k, v in run.items() if k in ("lr", "section_share")})
         c = get_config("stage2", dict(self.s, stage2=st), self.source_model())
         c.seed = run.get("seed", self.s["seed"])
         c.init_from = str(self.need(self.wd / "stage1" / "export", "stage2", "stage1"))
-        share = st["section_share"]
-        c.data.datasets = [
-            {"name": "retrieval", "files": [str(mined)], "task": "search result", "weight": 1.0 - share},
-            {"name": "sections", "files": [str(sections)], "task": "classification", "weight": share}]
+        share = self.section_share(run)
+        c.data.datasets = [{"name": "retrieval", "files": [str(mined)], "task": "search result", "weight": 1.0 - share}]
+        if share > 0:
+            sections = self.need(self.wd / "section_rows.jsonl", "stage2", "mine")
+            c.data.datasets.append({"name": "sections", "files": [str(sections)], "task": "classification",
+                                    "weight": share})
         return self.train(f"stage2_{run['name']}", c)
 
     def stage2_exports(self, stage: str) -> list[pathlib.Path]:
@@ -416,6 +453,9 @@ class Recipe:
             write_soup(out["uniform soup"], params, spec, report, overwrite=True)
         if (out["greedy soup"] / "model.json").is_file():
             return out
+        # Greedy candidates: the stage-2 runs and their common start, stage 1 (averaging a fine-tune
+        # with its start, as WiSE-FT does, can keep what the fine-tune lost).
+        runs.append(self.need(self.wd / "stage1" / "export", "soup", "stage1").parent)
         known = {}
         for run in runs:
             known[_fingerprint(self.load(run).params)] = self.select_score(self.evaluate(run.name, run / "export"))
@@ -522,18 +562,62 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def _diff(old: dict, new: dict) -> str:
+    a, b = _flat(old), _flat(new)
+    return ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
 def _settings_guard(wd: pathlib.Path, settings: dict) -> None:
     """A workdir keeps one set of settings: a rerun with others is refused, so no table mixes runs."""
     path = wd / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
         if old != settings:
-            a, b = _flat(old), _flat(settings)
-            diff = ", ".join(f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-            raise SystemExit(f"{wd} was run with other settings ({diff}; see {path}): "
-                             "use a new --workdir, or the same options as before")
+            raise SystemExit(f"{wd} was run with other settings ({_diff(old, settings)}; see {path}): "
+                             "use a new --workdir (--reuse-stage1 OLD keeps its stage 1), or the same options")
         return
     path.write_text(json.dumps(settings, indent=1))
+
+
+# Settings that only the stages after stage 1 read: a workdir that differs only in these may reuse
+# another's convert, eval-base and stage 1 (and the validation task), which the others decide.
+AFTER_STAGE1 = ("stage2", "runs")
+REUSED = {"paths": ("base", "validation", "stage1"), "evals": ("untrained", "stage1"),
+          "timing": ("convert", "eval_untrained", "stage1", "eval_stage1")}
+
+
+def reuse_stage1(wd: pathlib.Path, src: pathlib.Path, settings: dict, log) -> None:
+    """Links `src`'s converted model, validation task and stage 1 into `wd` (read only; nothing in
+    `src` is changed) and copies their evaluations and timing, marked `reused_from`. Refused unless
+    `src` ran every setting stage 1 and the stages before it read with the values `wd` uses."""
+    path = src / "settings.json"
+    if not path.is_file():
+        raise SystemExit(f"--reuse-stage1 {src}: no settings.json there (not a recipe workdir)")
+    if not (src / "stage1" / "export" / "model.json").is_file():
+        raise SystemExit(f"--reuse-stage1 {src}: its stage 1 is not finished ({src / 'stage1' / 'export'} is missing)")
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in AFTER_STAGE1}
+    new = {k: v for k, v in settings.items() if k not in AFTER_STAGE1}
+    if old != new:
+        raise SystemExit(f"--reuse-stage1 {src}: its stage 1 ran with other settings ({_diff(old, new)}; see {path})")
+    for name in REUSED["paths"]:
+        dst = wd / name
+        if dst.is_symlink() and dst.resolve() == (src / name).resolve():
+            continue
+        if dst.exists() or dst.is_symlink():
+            raise SystemExit(f"--reuse-stage1 {src}: {dst} already exists; reuse only into a new workdir")
+        dst.symlink_to((src / name).resolve(), target_is_directory=True)
+    (wd / "eval").mkdir(exist_ok=True)
+    for name in REUSED["evals"]:
+        if (src / "eval" / f"{name}.json").is_file() and not (wd / "eval" / f"{name}.json").is_file():
+            (wd / "eval" / f"{name}.json").write_bytes((src / "eval" / f"{name}.json").read_bytes())
+    timing_file = wd / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    src_timing = json.loads((src / "timing.json").read_text()) if (src / "timing.json").is_file() else {}
+    for stage in REUSED["timing"]:
+        if stage in src_timing and stage not in timing:
+            timing[stage] = dict(src_timing[stage], reused_from=str(src))
+    timing_file.write_text(json.dumps(timing, indent=1))
+    log.info("reusing %s's converted model, validation task and stage 1", src)
 
 
 def main(argv=None) -> int:
@@ -548,6 +632,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of training and evaluation (default auto: bfloat16 on CPUs with "
                         "AVX512_BF16 or AMX, float32 elsewhere); parameters stay float32")
+    p.add_argument("--reuse-stage1", type=pathlib.Path, metavar="WORKDIR",
+                   help="take convert, eval-base and stage 1 from another workdir of this recipe whose "
+                        "settings differ only after stage 1 (linked read only; its evaluations and timing copied)")
     p.add_argument("--stage1-steps", type=int, help="override stage 1's steps")
     p.add_argument("--stage2-steps", type=int, help="override each stage-2 run's steps")
     args = p.parse_args(argv)
@@ -569,6 +656,8 @@ def main(argv=None) -> int:
     wd = args.workdir.expanduser().absolute()
     wd.mkdir(parents=True, exist_ok=True)
     _settings_guard(wd, settings)
+    if args.reuse_stage1:
+        reuse_stage1(wd, args.reuse_stage1.expanduser().absolute(), settings, log)
     run = Recipe(wd, settings, args.gguf, log)
     extra: dict = {"settings": settings}
 
@@ -584,7 +673,7 @@ def main(argv=None) -> int:
         run.stage1(records)
         run.evaluate("stage1", run.wd / "stage1" / "export")
     if "mine" in stages:
-        run.mine(records)
+        run.mine()
     if "stage2" in stages:
         for spec in settings["runs"]:
             out = run.stage2(spec)

@@ -86,19 +86,11 @@ def probe_config_stage2(recipe_dir: pathlib.Path, out: pathlib.Path, overrides: 
     probe into OUT/mined.jsonl) and the settings it ran with."""
     settings, run = _settings(recipe_dir, overrides, "stage2", STAGE2_KEYS)
     init = run.need(recipe_dir / "stage1" / "export", "probe --stage 2", "stage1")
-    st1, st = settings["stage1"], settings["stage2"]
-    miner, corpus_kind = st.get("miner", "model"), st.get("mine_corpus", "rows")
-    if miner not in ("model", "bm25") or corpus_kind not in ("rows", "rest"):
-        raise SystemExit(f"--set: miner {miner!r} / mine_corpus {corpus_kind!r}: use model|bm25 and rows|rest")
-    rows = st["steps"] * st["batch"]
-    rest = run.records()[st1["steps"] * st1["batch"]:]
+    st = settings["stage2"]
     out.mkdir(parents=True, exist_ok=True)
     mined = out / "mined.jsonl"
     if not mined.is_file():
-        corpus = [r["positive"] for r in rest[rows:]] if corpus_kind == "rest" else []
-        model = run.load(init) if miner == "model" else None
-        recipe.mine(mined, rest, rows, model, settings["seed"], run.log, retriever=miner,
-                    rank_window=tuple(st.get("rank_window", (10, 30))), corpus=corpus)
+        run.mine_retrieval(mined, st)
     c = driver.get_config("stage2", dict(settings, stage2=st), run.source_model())
     c.init_from = str(init)
     share = float(st.get("section_share", 0.0))

@@ -65,8 +65,8 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     assert driver.main(["--workdir", str(wd), "--gguf", str(tiny_gguf), "--quick"]) == 0
     results = json.loads((wd / "results.json").read_text())
     names = list(results["rows"])
-    assert names == ["untrained (converted LLM)", "1: pre-finetuned", "2: a_seed0", "2: b_seed1_lr5e-5",
-                     "2: c_seed2_sections", "uniform soup", "greedy soup"]
+    assert names == ["untrained (converted LLM)", "1: pre-finetuned", "2: a_seed0", "2: b_seed1_lr1e-5",
+                     "2: c_seed2_lr5e-5", "uniform soup", "greedy soup"]
     for name, row in results["rows"].items():
         assert {"validation", "retrieval"} <= set(row), name
         assert row["retrieval"]["size"]["queries"] == 40 and row["validation"]["size"]["queries"] == 16
@@ -88,9 +88,10 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     # Learning curve: the untrained point and one per stage-1 step (eval_every=1 in --quick).
     assert [p[0] for p in results["learning_curve"]] == [0, 16, 32]
     mined = [json.loads(line) for line in (wd / "mined.jsonl").read_text().splitlines()]
-    assert mined and all(len(r["negatives"]) == 1 for r in mined)
+    assert mined and all(len(r["negatives"]) == 1 and r["synth"]["mining"]["retriever"] == "bm25" for r in mined)
+    assert not (wd / "section_rows.jsonl").exists()   # no run mixes in section rows
     soup = json.loads((wd / "soup_greedy" / "soup.json").read_text())
-    assert soup["selection"]["task"] == str(wd / "validation") and len(soup["ingredients"]) == 3
+    assert soup["selection"]["task"] == str(wd / "validation") and len(soup["ingredients"]) == 4   # + stage 1
     assert results["export"]["max_abs_diff_vs_sentence_transformers"] <= 1e-5
     for f in ("results.md", "results.png", "learning_curve.png"):
         assert (wd / f).is_file(), f
@@ -112,11 +113,23 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     assert done["settings"]["stage1"]["lr"] == 1e-3 and [s for s, _ in done["curve"]] == [1]
     with pytest.raises(SystemExit, match="unknown key"):
         probe.main(["--recipe", str(wd), "--name", "x", "--set", '{"learning_rate": 1}'])
-    # A stage-2 probe from the stage-1 export, its negatives mined by BM25 over more descriptions.
-    assert probe.main(["--recipe", str(wd), "--stage", "2", "--name", "bm25", "--set",
-                       '{"miner": "bm25", "rank_window": [1, 5], "mine_corpus": "rest", "steps": 1}']) == 0
-    done = json.loads((wd / "probes" / "bm25" / "probe.json").read_text())
+    # A stage-2 probe from the stage-1 export, its negatives mined by the stage-1 model.
+    assert probe.main(["--recipe", str(wd), "--stage", "2", "--name", "model", "--set",
+                       '{"miner": "model", "rank_window": [1, 5], "mine_corpus": "rows", "steps": 1}']) == 0
+    done = json.loads((wd / "probes" / "model" / "probe.json").read_text())
     assert done["stage"] == 2 and [s for s, _ in done["curve"]] == [1]
-    mined = [json.loads(line) for line in (wd / "probes" / "bm25" / "mined.jsonl").read_text().splitlines()]
-    assert mined and all(r["synth"]["mining"]["retriever"] == "bm25" and r["negatives"] for r in mined)
+    mined = [json.loads(line) for line in (wd / "probes" / "model" / "mined.jsonl").read_text().splitlines()]
+    assert mined and all(r["synth"]["mining"]["retriever"] == "model" and r["negatives"] for r in mined)
     assert all(1 <= rank <= 5 for r in mined for rank in r["synth"]["mining"]["ranks"])
+    # A new workdir that changes only stage 2 reuses this one's stage 1 (linked, never written) ...
+    again = tmp_path / "stage2_only"
+    assert driver.main(["--workdir", str(again), "--gguf", str(tiny_gguf), "--quick", "--stage2-steps", "2",
+                        "--reuse-stage1", str(wd), "--stages", "convert,stage1,mine"]) == 0
+    assert (again / "stage1").resolve() == (wd / "stage1").resolve() and (again / "mined.jsonl").is_file()
+    timing = json.loads((again / "timing.json").read_text())
+    assert timing["stage1"]["reused_from"] == str(wd) and "reused_from" not in timing["mine"]
+    assert json.loads((again / "settings.json").read_text())["stage2"]["steps"] == 2
+    # ... but not one whose stage 1 would differ.
+    with pytest.raises(SystemExit, match=r"its stage 1 ran with other settings \(stage1.steps: 2 -> 3"):
+        driver.main(["--workdir", str(tmp_path / "bad"), "--gguf", str(tiny_gguf), "--quick", "--stage1-steps", "3",
+                     "--reuse-stage1", str(wd)])
