@@ -10,7 +10,8 @@ From the Gemma recipe's workdir it takes the stage-1 export (the start of both r
 mined retrieval triples (one hard negative each; stage 2's data). The teacher's embeddings of
 those triples are stored once (`python -m embedder.distill teacher`, in WORKDIR/signals), then two
 stage-2 runs train from the same start with the recipe's stage-2 settings (`gemma3_270m.get_config`):
-`plain` (Matryoshka NCE) and `distilled` (the same plus embedding matching of query, positive and
+`plain` (Matryoshka NCE; `--plain RUN` takes a finished run with exactly that config, such as
+the recipe's own stage2_a_seed0) and `distilled` (the same plus embedding matching of query, positive and
 negative, `--embedding-weight`, and score KL, `--score-weight`). The teacher and both runs are
 scored on debian_retrieval (nDCG@10 at 768 and 128; the teacher at its own width); `results.md`
 and `results.json` in WORKDIR. Every part is skipped when its output exists: rerun to continue.
@@ -46,6 +47,24 @@ def run_config(settings: dict, source_model: dict | None, init: pathlib.Path, tr
     return c
 
 
+def same_run(run: pathlib.Path, config) -> pathlib.Path:
+    """`run`'s export when `run` finished training with `config` (its config.json, data_dir and the
+    model spec aside); else SystemExit naming what differs."""
+    from embedder.train.config import config_to_json
+
+    saved = run / "config.json"
+    if not (run / "export" / "model.json").is_file() or not saved.is_file():
+        raise SystemExit(f"--plain {run}: not a finished training workdir (config.json and export/ needed)")
+    want, have = json.loads(config_to_json(config)), json.loads(saved.read_text())
+    have.pop("model_spec", None)
+    for cfg in (want, have):
+        cfg.get("data", {}).pop("data_dir", None)
+    diff = gemma3_270m._diff(have, want)
+    if diff:
+        raise SystemExit(f"--plain {run}: it trained with another config ({diff}); drop --plain to train the plain run")
+    return run / "export"
+
+
 def _source_model(recipe_wd: pathlib.Path) -> dict | None:
     """The recipe's converted model config when it is not the real 270M (a tiny GGUF in tests),
     as `gemma3_270m.Recipe.source_model` reads it."""
@@ -62,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", required=True, help="the teacher: any model path Embedder.load takes")
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", type=int, default=None, help="stage-2 steps of both runs (default: the recipe's)")
+    p.add_argument("--plain", type=pathlib.Path, default=None,
+                   help="a finished training workdir to use as the plain run (e.g. the recipe's RECIPE/stage2_a_seed0), "
+                        "accepted only when its config.json is the plain run's config (data_dir aside)")
     p.add_argument("--embedding-weight", type=float, default=1.0)
     p.add_argument("--score-weight", type=float, default=1.0)
     p.add_argument("--task", default=str(RETRIEVAL), help="the retrieval task scored")
@@ -94,10 +116,14 @@ def main(argv=None) -> int:
     runs = {}
     for name, sig in (("plain", None), ("distilled", signals)):
         out = wd / name
+        c = run_config(settings, source_model, init, triples, signals=sig,
+                       embedding_weight=args.embedding_weight, score_weight=args.score_weight)
+        c.data.data_dir = str(wd / "tfds")
+        if name == "plain" and args.plain is not None:
+            runs[name] = same_run(args.plain.expanduser().absolute(), c)
+            log.info("plain run: %s (its config is the plain run's)", args.plain)
+            continue
         if not (out / "export" / "model.json").is_file():
-            c = run_config(settings, source_model, init, triples, signals=sig,
-                           embedding_weight=args.embedding_weight, score_weight=args.score_weight)
-            c.data.data_dir = str(wd / "tfds")
             train(c, out)
         runs[name] = out / "export"
     rows = {}

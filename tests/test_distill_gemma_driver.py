@@ -47,3 +47,14 @@ def test_driver_trains_both_runs_and_scores_them(tmp_path):
     assert any("train/distill_embedding" in m for m in metrics)
     assert not any("train/distill_embedding" in m for m in
                    map(json.loads, (tmp_path / "wd" / "plain" / "metrics.jsonl").read_text().splitlines()))
+    # --plain takes a finished run as the plain one only when it trained with the plain config.
+    common = [sys.executable, "experiments/distill_gemma.py", "--recipe", str(recipe), "--teacher",
+              str(tmp_path / "teacher"), "--workdir", str(tmp_path / "wd"), "--quick", "--steps", "2",
+              "--task", str(tmp_path / "task")]
+    proc = subprocess.run(common + ["--plain", str(tmp_path / "wd" / "distilled")], capture_output=True, text=True,
+                          cwd=REPO, timeout=900)
+    assert proc.returncode != 0 and "trained with another config (data.teacher:" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(common + ["--plain", str(tmp_path / "wd" / "plain")], capture_output=True, text=True,
+                          cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "wd" / "results.json").read_text()) == rows
