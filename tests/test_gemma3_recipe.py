@@ -93,6 +93,10 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     soup = json.loads((wd / "soup_greedy" / "soup.json").read_text())
     assert soup["selection"]["task"] == str(wd / "validation") and len(soup["ingredients"]) == 4   # + stage 1
     assert results["export"]["max_abs_diff_vs_sentence_transformers"] <= 1e-5
+    # Plain BM25 on the validation and test tasks: the reference row that calibrates the two.
+    bm25 = results["references"]["BM25, no stemming"]
+    assert 0 < bm25["validation nDCG@10 @768"] <= 1 and 0 < bm25["nDCG@10 @768"] <= 1
+    assert "| BM25, no stemming (reference) |" in (wd / "results.md").read_text()
     for f in ("results.md", "results.png", "learning_curve.png"):
         assert (wd / f).is_file(), f
     for stage in ("convert", "stage1", "mine", "stage2_a_seed0", "soup_greedy"):
