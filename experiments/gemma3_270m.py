@@ -366,6 +366,8 @@ class Recipe:
         return out
 
     def stage1(self, records: list[dict]) -> pathlib.Path:
+        if (self.wd / "stage1" / "export" / "model.json").is_file():   # done (or reused)
+            return self.wd / "stage1"
         st = self.s["stage1"]
         n = st["steps"] * st["batch"]
         titles, spans = title_passage_rows(records[:n])
