@@ -54,6 +54,8 @@ TASKS = recipe.TASKS
 RETRIEVAL = TASKS / "debian_retrieval"
 OTHER_TASKS = (TASKS / "debian_section_classification", TASKS / "debian_section_clustering")
 TRAIN_PAIRS = recipe.TRAIN_PAIRS
+# Translated synopsis -> English or translated description, 14 languages (data/multilingual).
+MULTILINGUAL_PAIRS = recipe.REPO / "data" / "multilingual" / "train_pairs_multilingual.jsonl.gz"
 MRL_DIMS = (768, 512, 256, 128)   # EmbeddingGemma's
 EVAL_DIMS = (768, 128)
 FROZEN = (r"^encoder/embedding$",)  # the 262,144 x 640 table: no gradient, no update, no Adam state
@@ -85,6 +87,7 @@ QUICK = dict(DEFAULT, stage1=dict(DEFAULT["stage1"], steps=2, batch=16, chunks=2
              validation=dict(queries=16, corpus=48, seed=0),
              query_max_length=48, document_max_length=64, eval_max_length=64, eval_max_queries=40,
              eval_max_corpus=300, dtype="float32")
+RUN_KEYS = ("lr", "section_share", "multilingual_share")   # what a stage-2 run may set for itself
 STAGES = ("convert", "eval-base", "stage1", "mine", "stage2", "soup", "export")
 
 
@@ -403,6 +406,44 @@ class Recipe:
     def section_share(self, run: dict) -> float:
         return float(run.get("section_share", self.s["stage2"].get("section_share", 0.0)))
 
+    def multilingual_rows(self, folder: pathlib.Path) -> pathlib.Path:
+        """data/multilingual's training pairs without the validation task's package families (so
+        the validation task stays unseen; nor any row sharing a text with it), in
+        `folder/multilingual.jsonl`."""
+        out = folder / "multilingual.jsonl"
+        if not out.is_file():
+            from embedder.data.jsonl import iter_jsonl
+            from embedder.evaluate.holdout import package_family
+
+            split = self.split()
+            held = {doc["group"] for doc in split.corpus}
+            texts = {" ".join(d["text"].lower().split()) for d in split.corpus + split.queries}
+
+            def kept(r):
+                return package_family(r["package"]) not in held and not (
+                    {" ".join(r[k].lower().split()) for k in ("query", "positive")} & texts)
+
+            rows = [{"query": r["query"], "positive": r["positive"]} for _, r in iter_jsonl(MULTILINGUAL_PAIRS) if kept(r)]
+            recipe.write_rows(out, rows)
+            self.log.info("multilingual pairs: %d (validation families left out)", len(rows))
+        return out
+
+    def stage2_datasets(self, st: dict, mined: pathlib.Path, sections: pathlib.Path, folder: pathlib.Path) -> list[dict]:
+        """Stage 2's mixture: the retrieval triples, and by `section_share` / `multilingual_share`
+        (fractions of the batches) description -> section rows and multilingual pairs (written
+        to `folder`)."""
+        shares = {"sections": float(st.get("section_share", 0.0)), "multilingual": float(st.get("multilingual_share", 0.0))}
+        if min(shares.values()) < 0 or sum(shares.values()) >= 1:
+            raise SystemExit(f"stage 2: section_share + multilingual_share = {sum(shares.values())} must be in [0, 1)")
+        out = [{"name": "retrieval", "files": [str(mined)], "task": "search result", "weight": 1.0 - sum(shares.values())}]
+        if shares["sections"] > 0:
+            out.append({"name": "sections", "files": [str(self.need(sections, "stage2", "mine"))],
+                        "task": "classification", "weight": shares["sections"]})
+        if shares["multilingual"] > 0:
+            out.append({"name": "multilingual", "files": [str(self.multilingual_rows(folder))], "task": "search result",
+                        "weight": shares["multilingual"]})
+        return out
+
     def mine(self) -> None:
         """Hard negatives for stage 2 and, when a run mixes in section rows, the hardest wrong
         section per description by the stage-1 model (on the pairs after the retrieval rows)."""
@@ -426,16 +467,11 @@ class Recipe:
 
     def stage2(self, run: dict) -> pathlib.Path:
         mined = self.need(self.wd / "mined.jsonl", "stage2", "mine")
-        st = dict(self.s["stage2"], **{k: v for k, v in run.items() if k in ("lr", "section_share")})
+        st = dict(self.s["stage2"], **{k: v for k, v in run.items() if k in RUN_KEYS})
         c = get_config("stage2", dict(self.s, stage2=st), self.source_model())
         c.seed = run.get("seed", self.s["seed"])
         c.init_from = str(self.need(self.wd / "stage1" / "export", "stage2", "stage1"))
-        share = self.section_share(run)
-        c.data.datasets = [{"name": "retrieval", "files": [str(mined)], "task": "search result", "weight": 1.0 - share}]
-        if share > 0:
-            sections = self.need(self.wd / "section_rows.jsonl", "stage2", "mine")
-            c.data.datasets.append({"name": "sections", "files": [str(sections)], "task": "classification",
-                                    "weight": share})
+        c.data.datasets = self.stage2_datasets(st, mined, self.wd / "section_rows.jsonl", self.wd)
         return self.train(f"stage2_{run['name']}", c)
 
     def stage2_exports(self, stage: str) -> list[pathlib.Path]:

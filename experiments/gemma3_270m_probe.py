@@ -15,7 +15,8 @@ setting (query_max_length, document_max_length, temperature, dtype), or `frozen`
 
 `--stage 2` probes stage 2 instead: it starts from the recipe's stage-1 export (after its stage1
 stage) and trains on the stage-2 rows with hard negatives mined for the probe. Extra keys:
-`section_share` (of the recipe's section rows), `miner` ("model": the stage-1 model, as the
+`section_share` (of the recipe's section rows), `multilingual_share` (data/multilingual's
+training pairs, the validation families left out), `miner` ("model": the stage-1 model, as the
 recipe; "bm25"), `rank_window` ([first, last] 1-based ranks the negative is drawn from) and
 `mine_corpus` ("rows": the stage-2 rows' descriptions, as the recipe; "rest": plus every later
 training pair's description).
@@ -38,7 +39,7 @@ from experiments import debian_recipe as recipe  # noqa: E402
 from experiments import gemma3_270m as driver  # noqa: E402
 
 STAGE1_KEYS = ("steps", "batch", "chunks", "lr", "warmup", "eval_every")
-STAGE2_KEYS = STAGE1_KEYS + ("section_share", "miner", "rank_window", "mine_corpus")
+STAGE2_KEYS = STAGE1_KEYS + ("section_share", "multilingual_share", "miner", "rank_window", "mine_corpus")
 RECIPE_KEYS = ("query_max_length", "document_max_length", "temperature", "dtype")
 
 
@@ -58,7 +59,7 @@ def _finish_config(c, run, out: pathlib.Path, st: dict, overrides: dict):
     c.data.data_dir = str(out / "tfds")
     c.eval.tasks = (str(validation),)
     c.eval.every_steps = int(st.get("eval_every") or st["steps"])
-    c.checkpoint.every_steps = st["steps"]
+    c.checkpoint.every_steps = c.eval.every_steps   # a killed probe resumes from its last evaluation
     if "frozen" in overrides:
         c.optimizer.frozen = tuple(overrides["frozen"])
     return c
@@ -93,12 +94,7 @@ def probe_config_stage2(recipe_dir: pathlib.Path, out: pathlib.Path, overrides: 
         run.mine_retrieval(mined, st)
     c = driver.get_config("stage2", dict(settings, stage2=st), run.source_model())
     c.init_from = str(init)
-    share = float(st.get("section_share", 0.0))
-    c.data.datasets = [{"name": "retrieval", "files": [str(mined)], "task": "search result", "weight": 1.0 - share}]
-    if share > 0:
-        sections = run.need(recipe_dir / "section_rows.jsonl", "probe --stage 2", "mine")
-        c.data.datasets.append({"name": "sections", "files": [str(sections)], "task": "classification",
-                                "weight": share})
+    c.data.datasets = run.stage2_datasets(st, mined, recipe_dir / "section_rows.jsonl", out)
     return _finish_config(c, run, out, st, overrides), settings
 
 

@@ -117,9 +117,20 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     assert done["settings"]["stage1"]["lr"] == 1e-3 and [s for s, _ in done["curve"]] == [1]
     with pytest.raises(SystemExit, match="unknown key"):
         probe.main(["--recipe", str(wd), "--name", "x", "--set", '{"learning_rate": 1}'])
-    # A stage-2 probe from the stage-1 export, its negatives mined by the stage-1 model.
+    # A stage-2 probe from the stage-1 export, its negatives mined by the stage-1 model, half its
+    # batches multilingual pairs.
     assert probe.main(["--recipe", str(wd), "--stage", "2", "--name", "model", "--set",
-                       '{"miner": "model", "rank_window": [1, 5], "mine_corpus": "rows", "steps": 1}']) == 0
+                       '{"miner": "model", "rank_window": [1, 5], "mine_corpus": "rows", "steps": 1, '
+                       '"multilingual_share": 0.5}']) == 0
+    config = json.loads((wd / "probes" / "model" / "run" / "config.json").read_text())
+    assert [(d["name"], d["weight"]) for d in config["data"]["datasets"]] == [("retrieval", 0.5), ("multilingual", 0.5)]
+    held = {json.loads(line)["group"] for line in (wd / "validation" / "corpus.jsonl").read_text().splitlines()}
+    ml = [json.loads(line) for line in (wd / "probes" / "model" / "multilingual.jsonl").read_text().splitlines()]
+    assert len(ml) > 20000 and held and not (wd / "multilingual.jsonl").exists()   # the recipe dir is only read
+    assert not {r["positive"] for r in ml} & docs
+    with pytest.raises(SystemExit, match="must be in"):
+        probe.main(["--recipe", str(wd), "--stage", "2", "--name", "x2", "--set",
+                    '{"section_share": 0.5, "multilingual_share": 0.5}'])
     done = json.loads((wd / "probes" / "model" / "probe.json").read_text())
     assert done["stage"] == 2 and [s for s, _ in done["curve"]] == [1]
     mined = [json.loads(line) for line in (wd / "probes" / "model" / "mined.jsonl").read_text().splitlines()]
