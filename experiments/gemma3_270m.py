@@ -20,7 +20,9 @@ workdir refuses other settings):
   stage-1 model). A run that mixes in description -> section rows (`section_share`) gets the
   hardest wrong section by the stage-1 model.
 - **stage2** (finetune): from stage 1, the retrieval triples (one hard negative each, in-batch
-  negatives too); three runs that differ in seed and learning rate.
+  negatives too); three runs that differ in seed and learning rate. A run (or `stage2`) may mix in
+  description -> section rows (`section_share`) or data/multilingual's translated pairs
+  (`multilingual_share`), as fractions of the batches.
 - **soup**: the uniform soup of the stage-2 runs, and a greedy soup over them and stage 1 (selected
   on the validation task).
 - **export**: the best model on the validation task (stage 1, a stage-2 run or a soup) through `to-hf`, checked in sentence-transformers.
