@@ -22,7 +22,7 @@ workdir refuses other settings):
 - **stage2** (finetune): from stage 1, the retrieval triples (one hard negative each, in-batch
   negatives too); three runs that differ in seed and learning rate. A run (or `stage2`) may mix in
   description -> section rows (`section_share`) or data/multilingual's translated pairs
-  (`multilingual_share`), as fractions of the batches.
+  (`multilingual_share`), as fractions of the batches, and distil from a `teacher` model.
 - **soup**: the uniform soup of the stage-2 runs, and a greedy soup over them and stage 1 (selected
   on the validation task).
 - **export**: the best model on the validation task (stage 1, a stage-2 run or a soup) through `to-hf`, checked in sentence-transformers.
@@ -89,7 +89,7 @@ QUICK = dict(DEFAULT, stage1=dict(DEFAULT["stage1"], steps=2, batch=16, chunks=2
              validation=dict(queries=16, corpus=48, seed=0),
              query_max_length=48, document_max_length=64, eval_max_length=64, eval_max_queries=40,
              eval_max_corpus=300, dtype="float32")
-RUN_KEYS = ("lr", "section_share", "multilingual_share")   # what a stage-2 run may set for itself
+RUN_KEYS = ("lr", "section_share", "multilingual_share", "teacher", "distill_weights")   # what a stage-2 run may set for itself
 STAGES = ("convert", "eval-base", "stage1", "mine", "stage2", "soup", "export")
 
 
@@ -470,11 +470,28 @@ class Recipe:
     def stage2(self, run: dict) -> pathlib.Path:
         mined = self.need(self.wd / "mined.jsonl", "stage2", "mine")
         st = dict(self.s["stage2"], **{k: v for k, v in run.items() if k in RUN_KEYS})
-        c = get_config("stage2", dict(self.s, stage2=st), self.source_model())
+        out = self.wd / f"stage2_{run['name']}"
+        c = self.stage2_config(st, mined, self.wd, out / "teacher_signals")
         c.seed = run.get("seed", self.s["seed"])
+        return self.train(out.name, c)
+
+    def stage2_config(self, st: dict, mined: pathlib.Path, folder: pathlib.Path, signals: pathlib.Path):
+        """A stage-2 config from the stage-1 export: the mixture of `stage2_datasets` and, when
+        `st["teacher"]` names a model (any path `Embedder.load` takes), distillation from it as
+        EmbeddingGemma trains: its embeddings of every row stored once in `signals`, then embedding
+        matching and score KL beside the NCE loss, weighted by `distill_weights` (default 1, 1)."""
+        c = get_config("stage2", dict(self.s, stage2=st), self.source_model())
         c.init_from = str(self.need(self.wd / "stage1" / "export", "stage2", "stage1"))
-        c.data.datasets = self.stage2_datasets(st, mined, self.wd / "section_rows.jsonl", self.wd)
-        return self.train(f"stage2_{run['name']}", c)
+        c.data.datasets = self.stage2_datasets(st, mined, self.wd / "section_rows.jsonl", folder)
+        if st.get("teacher"):
+            from embedder.distill.teacher import run_teacher
+
+            teacher = pathlib.Path(st["teacher"]).expanduser()
+            self.need(teacher, "stage2 (its teacher)", "the teacher's own training")
+            run_teacher(str(teacher), [d["files"][0] for d in c.data.datasets], signals, quiet=True)
+            c.data.teacher = str(signals)
+            c.loss.distill_embedding_weight, c.loss.distill_score_weight = map(float, st.get("distill_weights", (1, 1)))
+        return c
 
     def stage2_exports(self, stage: str) -> list[pathlib.Path]:
         return [self.need(self.wd / f"stage2_{r['name']}" / "export", stage, "stage2") for r in self.s["runs"]]

@@ -16,7 +16,8 @@ setting (query_max_length, document_max_length, temperature, dtype), or `frozen`
 `--stage 2` probes stage 2 instead: it starts from the recipe's stage-1 export (after its stage1
 stage) and trains on the stage-2 rows with hard negatives mined for the probe. Extra keys:
 `section_share` (of the recipe's section rows), `multilingual_share` (data/multilingual's
-training pairs, the validation families left out), `miner` ("model": the stage-1 model, as the
+training pairs, the validation families left out), `teacher` (a model to distil from) and
+`distill_weights` ([embedding matching, score KL]), `miner` ("model": the stage-1 model, as the
 recipe; "bm25"), `rank_window` ([first, last] 1-based ranks the negative is drawn from) and
 `mine_corpus` ("rows": the stage-2 rows' descriptions, as the recipe; "rest": plus every later
 training pair's description).
@@ -39,7 +40,8 @@ from experiments import debian_recipe as recipe  # noqa: E402
 from experiments import gemma3_270m as driver  # noqa: E402
 
 STAGE1_KEYS = ("steps", "batch", "chunks", "lr", "warmup", "eval_every")
-STAGE2_KEYS = STAGE1_KEYS + ("section_share", "multilingual_share", "miner", "rank_window", "mine_corpus")
+STAGE2_KEYS = STAGE1_KEYS + ("section_share", "multilingual_share", "teacher", "distill_weights", "miner",
+                             "rank_window", "mine_corpus")
 RECIPE_KEYS = ("query_max_length", "document_max_length", "temperature", "dtype")
 
 
@@ -86,15 +88,13 @@ def probe_config_stage2(recipe_dir: pathlib.Path, out: pathlib.Path, overrides: 
     """The stage-2 config of a probe (from the recipe's stage-1 export, negatives mined for the
     probe into OUT/mined.jsonl) and the settings it ran with."""
     settings, run = _settings(recipe_dir, overrides, "stage2", STAGE2_KEYS)
-    init = run.need(recipe_dir / "stage1" / "export", "probe --stage 2", "stage1")
+    run.need(recipe_dir / "stage1" / "export", "probe --stage 2", "stage1")
     st = settings["stage2"]
     out.mkdir(parents=True, exist_ok=True)
     mined = out / "mined.jsonl"
     if not mined.is_file():
         run.mine_retrieval(mined, st)
-    c = driver.get_config("stage2", dict(settings, stage2=st), run.source_model())
-    c.init_from = str(init)
-    c.data.datasets = run.stage2_datasets(st, mined, recipe_dir / "section_rows.jsonl", out)
+    c = run.stage2_config(st, mined, out, out / "signals")
     return _finish_config(c, run, out, st, overrides), settings
 
 

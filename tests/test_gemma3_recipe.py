@@ -118,12 +118,16 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     with pytest.raises(SystemExit, match="unknown key"):
         probe.main(["--recipe", str(wd), "--name", "x", "--set", '{"learning_rate": 1}'])
     # A stage-2 probe from the stage-1 export, its negatives mined by the stage-1 model, half its
-    # batches multilingual pairs.
-    assert probe.main(["--recipe", str(wd), "--stage", "2", "--name", "model", "--set",
-                       '{"miner": "model", "rank_window": [1, 5], "mine_corpus": "rows", "steps": 1, '
-                       '"multilingual_share": 0.5}']) == 0
+    # batches multilingual pairs, distilled from a teacher (here the stage-1 model itself).
+    assert probe.main(["--recipe", str(wd), "--stage", "2", "--name", "model", "--set", json.dumps(
+        {"miner": "model", "rank_window": [1, 5], "mine_corpus": "rows", "steps": 1, "multilingual_share": 0.5,
+         "teacher": str(wd / "stage1" / "export"), "distill_weights": [1.0, 0.5]})]) == 0
     config = json.loads((wd / "probes" / "model" / "run" / "config.json").read_text())
     assert [(d["name"], d["weight"]) for d in config["data"]["datasets"]] == [("retrieval", 0.5), ("multilingual", 0.5)]
+    assert config["data"]["teacher"] == str(wd / "probes" / "model" / "signals")
+    assert (config["loss"]["distill_embedding_weight"], config["loss"]["distill_score_weight"]) == (1.0, 0.5)
+    metrics = [json.loads(line) for line in (wd / "probes" / "model" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/distill_embedding" in m for m in metrics)
     held = {json.loads(line)["group"] for line in (wd / "validation" / "corpus.jsonl").read_text().splitlines()}
     ml = [json.loads(line) for line in (wd / "probes" / "model" / "multilingual.jsonl").read_text().splitlines()]
     assert len(ml) > 20000 and held and not (wd / "multilingual.jsonl").exists()   # the recipe dir is only read
