@@ -714,6 +714,9 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-stage1", type=pathlib.Path, metavar="WORKDIR",
                    help="take convert, eval-base and stage 1 from another workdir of this recipe whose "
                         "settings differ only after stage 1 (linked read only; its evaluations and timing copied)")
+    p.add_argument("--teacher", type=pathlib.Path, metavar="MODEL",
+                   help="distil every stage-2 run from this model (any path Embedder.load takes; e.g. the "
+                        "MiniLM fine-tune of experiments/minilm_finetune.py), as EmbeddingGemma trains")
     p.add_argument("--stage1-steps", type=int, help="override stage 1's steps")
     p.add_argument("--stage2-steps", type=int, help="override each stage-2 run's steps")
     args = p.parse_args(argv)
@@ -729,6 +732,8 @@ def main(argv=None) -> int:
             settings[key]["steps"] = value
     if args.dtype:
         settings["dtype"] = args.dtype
+    if args.teacher:
+        settings["stage2"]["teacher"] = str(args.teacher.expanduser().absolute())
     settings["dtype"] = resolve_dtype(settings["dtype"])   # what ran, not what was asked
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("gemma3_270m")

@@ -143,11 +143,13 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     # A new workdir that changes only stage 2 reuses this one's stage 1 (linked, never written) ...
     again = tmp_path / "stage2_only"
     assert driver.main(["--workdir", str(again), "--gguf", str(tiny_gguf), "--quick", "--stage2-steps", "2",
-                        "--reuse-stage1", str(wd), "--stages", "convert,stage1,mine"]) == 0
+                        "--teacher", str(wd / "stage1" / "export"), "--reuse-stage1", str(wd),
+                        "--stages", "convert,stage1,mine"]) == 0
     assert (again / "stage1").resolve() == (wd / "stage1").resolve() and (again / "mined.jsonl").is_file()
     timing = json.loads((again / "timing.json").read_text())
     assert timing["stage1"]["reused_from"] == str(wd) and "reused_from" not in timing["mine"]
-    assert json.loads((again / "settings.json").read_text())["stage2"]["steps"] == 2
+    assert json.loads((again / "settings.json").read_text())["stage2"] == dict(
+        json.loads((wd / "settings.json").read_text())["stage2"], steps=2, teacher=str(wd / "stage1" / "export"))
     # ... but not one whose stage 1 would differ.
     with pytest.raises(SystemExit, match=r"its stage 1 ran with other settings \(stage1.steps: 2 -> 3"):
         driver.main(["--workdir", str(tmp_path / "bad"), "--gguf", str(tiny_gguf), "--quick", "--stage1-steps", "3",
