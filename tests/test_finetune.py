@@ -105,6 +105,14 @@ def test_print_config_lists_every_field_and_help_exits_0(tmp_path):
     assert f"--config.init_from={source}" in lines and "--config.model.family=bert" in lines
     assert "--config.model.projection_dims=(16,)" in lines and "--config.model.mrl_dims=(16, 8)" in lines
     assert any(line.startswith("--config.loss.temperature=") for line in lines)
+    # A list field takes JSON (ml_collections' flags cannot override lists), as --print_config writes it.
+    datasets = '[{"name": "mine", "files": ["a.jsonl"], "weight": 2}, {"name": "more", "files": ["b.jsonl"]}]'
+    base = [sys.executable, "-m", "embedder.train", "--config", f"{REPO}/experiments/finetune.py:{source}", "--print_config"]
+    proc = subprocess.run(base + [f"--config.data.datasets={datasets}"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and f"--config.data.datasets={datasets}" in proc.stdout.splitlines(), proc.stderr
+    proc = subprocess.run(base + ["--config.model.family=[1]"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "FATAL Flags parsing error: --config.model.family: the config has no list field"), proc.stderr
     helped = subprocess.run([sys.executable, "-m", "embedder.train", "--help"], capture_output=True, text=True,
                             cwd=REPO)
     assert helped.returncode == 0 and "--print_config" in helped.stdout

@@ -86,6 +86,50 @@ _HELP_FLAGS = {"--help": True, "-help": True, "-h": True, "-?": True, "--helpsho
                "--helpfull": False, "-helpfull": False}
 
 
+_LIST_OVERRIDES: list[tuple[str, str, list]] = []   # (flag, field path, value) of `--config.x=[...]`
+_LIST_OR_STRING = ("data.datasets",)   # a JSONL file list as a string, or the datasets as a list
+_LIST_FLAG = re.compile(r"--config\.([\w.]+)=(\s*\[.*)$", re.S)
+
+
+def _take_list_overrides(argv: list[str]) -> list[str]:
+    """Removes `--config.FIELD=[...]` (a JSON list, as --print_config writes list fields) from
+    `argv` into _LIST_OVERRIDES: ml_collections' config flags cannot override list fields."""
+    import json
+
+    keep = []
+    for a in argv:
+        m = _LIST_FLAG.match(a)
+        if not m:
+            keep.append(a)
+            continue
+        try:
+            value = json.loads(m.group(2))
+        except json.JSONDecodeError as e:
+            print(f"FATAL Flags parsing error: --config.{m.group(1)}: not a JSON list ({e}); write lists as JSON, "
+                  'e.g. --config.data.datasets=\'[{"name": "mine", "files": ["pairs.jsonl"]}]\'', file=sys.stderr)
+            sys.exit(1)
+        _LIST_OVERRIDES.append((f"--config.{m.group(1)}", m.group(1), value))
+    return keep
+
+
+def _apply_list_overrides(config) -> None:
+    for flag, path, value in _LIST_OVERRIDES:
+        *parents, leaf = path.split(".")
+        node = config
+        for k in parents:
+            node = node.get(k) if hasattr(node, "get") else None
+        current = node[leaf] if hasattr(node, "get") and leaf in node else None
+        if isinstance(current, (list, tuple)):
+            node[leaf] = type(current)(value)
+        elif path in _LIST_OR_STRING:
+            with node.ignore_type():
+                node[leaf] = value
+        else:
+            print(f"FATAL Flags parsing error: {flag}: the config has no list field {path!r} (--print_config lists "
+                  "the fields; a JSON list sets only a list field)", file=sys.stderr)
+            sys.exit(1)
+
+
 def _parse_flags(argv):
     """absl's flag parsing, with a one-line error for an unknown `--config.x` field, and help
     (--help, --helpshort, --helpfull) that exits 0.
@@ -93,6 +137,8 @@ def _parse_flags(argv):
     ml_collections raises a bare AttributeError (with a traceback) for a field the locked
     config does not have; absl handles only its own flag errors.
     """
+    argv = _take_list_overrides(argv)
+    sys.argv[:] = [a for a in sys.argv if not _LIST_FLAG.match(a)]   # ml_collections reads sys.argv too
     asked = [a for a in argv[1:] if a in _HELP_FLAGS]
     if asked:
         app.usage(shorthelp=_HELP_FLAGS[asked[0]], writeto_stdout=True, exitcode=0)
@@ -157,6 +203,7 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config experiments/demo.py:prefinetune")
     _reject_unloadable_config()
+    _apply_list_overrides(_CONFIG.value)
     if _PRINT_CONFIG.value:
         print("\n".join(config_flag_lines(_CONFIG.value)))
         return
