@@ -9,7 +9,7 @@ equal steps, same stage-1 start, data, seed and batch, scored on debian_retrieva
 From the Gemma recipe's workdir it takes the stage-1 export (the start of both runs) and the
 mined retrieval triples (one hard negative each; stage 2's data). The teacher's embeddings of
 those triples are stored once (`python -m embedder.distill teacher`, in WORKDIR/signals), then two
-stage-2 runs train from the same start with the recipe's stage-2 settings (`gemma3_270m.get_config`):
+stage-2 runs train from the same start with the recipe's stage-2 config (`Recipe.stage2_config`):
 `plain` (Matryoshka NCE; `--plain RUN` takes a finished run with exactly that config, such as
 the recipe's own stage2_a_seed0) and `distilled` (the same plus embedding matching of query, positive and
 negative, `--embedding-weight`, and score KL, `--score-weight`). The teacher and both runs are
@@ -34,19 +34,6 @@ from experiments import gemma3_270m  # noqa: E402
 RETRIEVAL = recipe.TASKS / "debian_retrieval"
 
 
-def run_config(settings: dict, source_model: dict | None, init: pathlib.Path, triples: pathlib.Path, *,
-               signals: pathlib.Path | None, embedding_weight: float, score_weight: float):
-    """The recipe's stage-2 config on the retrieval triples alone, with a teacher when `signals`."""
-    c = gemma3_270m.get_config("stage2", settings, source_model)
-    c.init_from = str(init)
-    c.data.datasets = [{"name": "retrieval", "files": [str(triples)], "task": "search result", "weight": 1.0}]
-    if signals is not None:
-        c.data.teacher = str(signals)
-        c.loss.distill_embedding_weight = embedding_weight
-        c.loss.distill_score_weight = score_weight
-    return c
-
-
 def same_run(run: pathlib.Path, config) -> pathlib.Path:
     """`run`'s export when `run` finished training with `config` (its config.json, data_dir and the
     model spec aside); else SystemExit naming what differs."""
@@ -63,16 +50,6 @@ def same_run(run: pathlib.Path, config) -> pathlib.Path:
     if diff:
         raise SystemExit(f"--plain {run}: it trained with another config ({diff}); drop --plain to train the plain run")
     return run / "export"
-
-
-def _source_model(recipe_wd: pathlib.Path) -> dict | None:
-    """The recipe's converted model config when it is not the real 270M (a tiny GGUF in tests),
-    as `gemma3_270m.Recipe.source_model` reads it."""
-    from embedder.model.config import get_model_config
-
-    model = json.loads((recipe_wd / "base" / "model.json").read_text())["model"]
-    real = get_model_config("gemma3-270m").to_dict()
-    return None if all(model.get(k) == v for k, v in real.items() if k not in ("mrl_dims", "dtype")) else model
 
 
 def main(argv=None) -> int:
@@ -109,15 +86,20 @@ def main(argv=None) -> int:
         dict(gemma3_270m.QUICK if args.quick else gemma3_270m.DEFAULT)
     if args.steps:
         settings["stage2"] = dict(settings["stage2"], steps=args.steps)
-    source_model = _source_model(recipe_wd)
     wd.mkdir(parents=True, exist_ok=True)
     signals = wd / "signals"
-    run_teacher(args.teacher, [str(triples)], signals)
+    teacher = str(pathlib.Path(args.teacher).expanduser())
+    run_teacher(teacher, [str(triples)], signals)
+    # The recipe's own stage-2 config on the retrieval triples alone (no section or multilingual
+    # batches), with the teacher for the distilled run.
+    stage = gemma3_270m.Recipe(recipe_wd, settings, None, log)
+    plain_st = dict(settings["stage2"], section_share=0.0, multilingual_share=0.0, teacher="")
     runs = {}
-    for name, sig in (("plain", None), ("distilled", signals)):
+    for name, st in (("plain", plain_st),
+                     ("distilled", dict(plain_st, teacher=teacher,
+                                        distill_weights=(args.embedding_weight, args.score_weight)))):
         out = wd / name
-        c = run_config(settings, source_model, init, triples, signals=sig,
-                       embedding_weight=args.embedding_weight, score_weight=args.score_weight)
+        c = stage.stage2_config(st, triples, wd, signals)
         c.data.data_dir = str(wd / "tfds")
         if name == "plain" and args.plain is not None:
             runs[name] = same_run(args.plain.expanduser().absolute(), c)
