@@ -416,15 +416,15 @@ class Recipe:
         out = folder / "multilingual.jsonl"
         if not out.is_file():
             from embedder.data.jsonl import iter_jsonl
-            from embedder.evaluate.holdout import package_family
+            from embedder.evaluate.holdout import normalize_text, package_family
 
             split = self.split()
             held = {doc["group"] for doc in split.corpus}
-            texts = {" ".join(d["text"].lower().split()) for d in split.corpus + split.queries}
+            texts = {normalize_text(d["text"]) for d in split.corpus + split.queries}
 
             def kept(r):
                 return package_family(r["package"]) not in held and not (
-                    {" ".join(r[k].lower().split()) for k in ("query", "positive")} & texts)
+                    {normalize_text(r[k]) for k in ("query", "positive")} & texts)
 
             rows = [{"query": r["query"], "positive": r["positive"]} for _, r in iter_jsonl(MULTILINGUAL_PAIRS) if kept(r)]
             recipe.write_rows(out, rows)

@@ -58,7 +58,8 @@ def is_held_out(group: str, fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
 
 
-def _norm(text: str) -> str:
+def normalize_text(text: str) -> str:
+    """Lower-cased, whitespace-collapsed: the form in which two texts count as the same."""
     return " ".join(text.lower().split())
 
 
@@ -103,9 +104,9 @@ def holdout_retrieval(records: Sequence[dict], *, group: Callable[[dict], str], 
         pick = min(rows, key=lambda i: hashlib.sha256(
             f"{int(seed)}:{records[i][query_field]}\n{records[i][document_field]}".encode("utf-8")).digest())
         doc = records[pick][document_field]
-        if _norm(doc) in seen_docs:
+        if normalize_text(doc) in seen_docs:
             continue
-        seen_docs.add(_norm(doc))
+        seen_docs.add(normalize_text(doc))
         doc_id = f"d{len(corpus)}"
         corpus.append({"_id": doc_id, "title": "", "text": doc, "group": g})
         queries.append({"_id": f"q{len(corpus) - 1}", "text": records[pick][query_field], "group": g,
@@ -118,17 +119,17 @@ def holdout_retrieval(records: Sequence[dict], *, group: Callable[[dict], str], 
     chosen, seen_queries = [], set()
     for k in range(num_queries):
         q = queries[int(k * step)]
-        if _norm(q["text"]) not in seen_queries:
-            seen_queries.add(_norm(q["text"]))
+        if normalize_text(q["text"]) not in seen_queries:
+            seen_queries.add(normalize_text(q["text"]))
             chosen.append(q)
     qrels = {q["_id"]: q.pop("doc") for q in chosen}
     held = set(held_groups)
-    held_texts = {_norm(records[i][f]) for g in held for i in by_group[g] for f in (query_field, document_field)}
+    held_texts = {normalize_text(records[i][f]) for g in held for i in by_group[g] for f in (query_field, document_field)}
     train, dropped_text = [], 0
     for i, r in enumerate(records):
         if str(group(r)) in held:
             continue
-        if _norm(r[query_field]) in held_texts or _norm(r[document_field]) in held_texts:
+        if normalize_text(r[query_field]) in held_texts or normalize_text(r[document_field]) in held_texts:
             dropped_text += 1
             continue
         train.append(r)
