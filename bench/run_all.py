@@ -55,8 +55,9 @@ def table(res: dict) -> str:
     tr = res.get("train")
     if tr:
         lines += ["Train step (64 triples, one hard negative, Matryoshka MNRL, AdamW): seconds median "
-                  "(min-max), tokens/s, speed-up, RSS a step adds (MiB), utilisation (train FLOPs on real tokens)",
-                  "", "| seq | dtype | who | step s | real tok/s | padded tok/s | x ST | step RSS | util |",
+                  "(min-max), tokens/s, speed-up, peak RSS of the contestant's own process (GiB; each runs alone, "
+                  "`train_step.py --isolate`), utilisation (train FLOPs on real tokens)",
+                  "", "| seq | dtype | who | step s | real tok/s | padded tok/s | x ST | peak RSS | util |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in tr["configs"].values():
             peak = peak16 if r["dtype"] == "bfloat16" else peak32
@@ -64,7 +65,7 @@ def table(res: dict) -> str:
                 key = "ratio_vs_st" if who == "ours" else f"ratio_{who}_vs_st"
                 ratio = _fmt(r[key]) if key in r else "1"
                 lines.append(f"| {r['seq']} | {r['dtype']} | {who} | {_fmt(s)} | {r['real_tokens'] / s['median']:.0f} | "
-                             f"{r['padded_tokens'][who] / s['median']:.0f} | {ratio} | {r['step_rss_peak_mib'][who]} | "
+                             f"{r['padded_tokens'][who] / s['median']:.0f} | {ratio} | {r['peak_rss_gib'][who]} | "
                              f"{r['model_flops_real'] / s['median'] / peak:.0%} |")
     return "\n".join(lines)
 
@@ -95,7 +96,7 @@ def main(argv=None):
                                            "--reps", str(args.reps)], out / f"encode-{stamp}.json")
     if not args.no_train:
         res["train"] = _sub("train_step.py", ["--lengths", args.train_lengths, "--dtypes", args.dtypes,
-                                              "--reps", str(args.reps)], out / f"train-{stamp}.json")
+                                              "--reps", str(args.reps), "--isolate"], out / f"train-{stamp}.json")
     if not args.no_grad_cache:
         cmd = [sys.executable, str(HERE / "grad_cache.py"), "--batches", "256,512", "--chunk-rows", "128",
                "--query-len", "8", "--doc-len", "16", "--steps", "1", "--out", str(out / f"grad_cache-{stamp}.json")]

@@ -14,7 +14,9 @@ twin (dims D, D/2, D/4; the embedding table frozen on both sides). f32, and bf16
 f32 master weights (ours: config dtype="bfloat16"; sentence-transformers: torch.autocast bf16).
 `--packing on` runs our step on the triples packed into rows of the length (one encoder call).
 `--isolate` runs every contestant in its own process, alternating (A, B, A, B, ...), so each
-process's peak RSS (VmHWM) is that contestant's alone; otherwise all share this process and the
+process's peak RSS (VmHWM) is that contestant's alone; `run_all.py` uses it, and comparisons should:
+sharing one process (and one malloc arena) with torch made our step bimodal on a 2-core AMD EPYC,
+10 s in some processes and 20-35 s in others (bench/README.md). Without it all share this process and the
 memory column is the RSS one step adds on top of what was resident.
 """
 
