@@ -10,6 +10,11 @@ anything `embedder.Embedder.load` accepts. Embeddings are cached by (role, promp
 English corpus that every cross-lingual task shares is encoded once. BM25 (`bm25s`, Lucene
 scoring, words lower-cased, Han / kana / Hangul runs as character bigrams: the tokenizer of
 `embedder.synth.lexical`) scores the retrieval and bitext tasks; it has no classification.
+
+With `--out`, the scores are written after every task (`"complete": false` until the last), and
+the same command run again skips the tasks already in the file: a killed run of an hour-long
+Gemma evaluation continues where it stopped. A file that holds another model's scores is
+refused, never overwritten.
 """
 from __future__ import annotations
 
@@ -127,6 +132,32 @@ def table(scores: dict[str, dict[str, float]], label: str) -> str:
     return "\n".join(lines)
 
 
+def resume_scores(out: pathlib.Path | None, model: str, names: list[str]) -> tuple[dict, dict, float]:
+    """The scores (and sizes, minutes spent) an earlier run of the same model left in `out`."""
+    if out is None or not out.exists():
+        return {}, {}, 0.0
+    try:
+        old = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--out {out}: cannot read it as JSON ({e}); pass another --out (it is left as it is)")
+    if old.get("model") != model:
+        raise SystemExit(f"--out {out} holds the scores of --model {old.get('model')!r}, not {model!r}; "
+                         f"pass another --out (it is left as it is)")
+    scores = {k: v for k, v in old.get("scores", {}).items() if k in names}
+    if scores:
+        print(f"resuming: {len(scores)} of {len(names)} task(s) already scored in {out}", file=sys.stderr)
+    return scores, {k: v for k, v in old.get("sizes", {}).items() if k in scores}, float(old.get("minutes", 0.0))
+
+
+def write_scores(out: pathlib.Path, model: str, scores: dict, sizes: dict, minutes: float, complete: bool):
+    """Writes the scores so far (atomically: a kill leaves the previous file)."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"model": model, "scores": scores, "sizes": sizes, "minutes": minutes,
+                               "complete": complete, "host": platform.node(),
+                               "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="bm25, minilm, or a path Embedder.load accepts")
@@ -142,12 +173,17 @@ def main(argv=None) -> int:
     if args.only:
         dirs = [d for d in dirs if d.name.startswith(tuple(args.only.split(",")))]
     start = time.time()
-    encoder = None if args.model == "bm25" else CachedEncoder(load_encoder(args.model))
-    scores, sizes = {}, {}
+    out = pathlib.Path(args.out) if args.out else None
+    scores, sizes, minutes_before = resume_scores(out, args.model, [d.name for d in dirs])
+    encoder = None
     for d in dirs:
+        if d.name in scores:
+            continue
+        if encoder is None and args.model != "bm25":
+            encoder = CachedEncoder(load_encoder(args.model))
         task = load_task(d)
         t0 = time.time()
-        if encoder is None:
+        if args.model == "bm25":
             result = evaluate_bm25(task)
             if result is None:
                 continue
@@ -158,15 +194,15 @@ def main(argv=None) -> int:
             sizes[d.name] = result["size"]
         print(f"{d.name}: {json.dumps({k: round(v, 4) for k, v in scores[d.name].items() if not k.endswith('_std')})} "
               f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if out:
+            write_scores(out, args.model, scores, sizes, minutes_before + (time.time() - start) / 60, False)
     elapsed = time.time() - start
     label = "BM25" if args.model == "bm25" else pathlib.Path(args.model).name
     print(table(scores, label))
-    print(f"\n{len(scores)} tasks, {elapsed / 60:.1f} min on {platform.node()} "
+    print(f"\n{len(scores)} tasks, {minutes_before + elapsed / 60:.1f} min on {platform.node()} "
           f"({(encoder.computed if encoder else 0)} texts encoded)")
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps({"model": args.model, "scores": scores, "sizes": sizes,
-                                                      "minutes": elapsed / 60, "host": platform.node(),
-                                                      "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    if out:
+        write_scores(out, args.model, scores, sizes, minutes_before + elapsed / 60, True)
     return 0
 
 
