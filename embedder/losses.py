@@ -324,6 +324,15 @@ def matryoshka_nce(
 # the step) is not the loss's concern.
 
 
+def _rows_kept(rows_mask, b: int, fn: str) -> jax.Array:
+    """`rows_mask` as a `[B]` bool array (every row when None)."""
+    if rows_mask is None:
+        return jnp.ones((b,), bool)
+    if rows_mask.shape != (b,):
+        raise ValueError(f"{fn}: rows_mask {rows_mask.shape} is not [B] = [{b}]")
+    return rows_mask.astype(bool)
+
+
 def _check_distill_inputs(name, student, teacher, projection):
     if teacher.shape[:-1] != student.shape[:-1]:
         raise ValueError(f"embedding_distillation: teacher {name} {teacher.shape} and student {name} "
@@ -359,6 +368,7 @@ def embedding_distillation(
     teacher_negatives: jax.Array | None = None,
     negatives_mask: jax.Array | None = None,
     projection: jax.Array | None = None,
+    rows_mask: jax.Array | None = None,
     *,
     distill_embedding_weight: float = 0.0,
     distill_embedding_metric: str = "cosine",
@@ -370,8 +380,8 @@ def embedding_distillation(
     Each student embedding is L2-normalised at its full width, mapped by `projection` (`[D, Dt]`,
     a trained parameter) when the teacher's width `Dt` differs, and compared with the unit teacher
     embedding by `distill_embedding_metric`: "l2" (`||s - t||^2`) or "cosine" (`1 - cos`).
-    Each term is a mean over rows (negatives: over the slots `negatives_mask` keeps; 0 when
-    none); the loss is `distill_embedding_weight * (w_q L_q + w_p L_p + w_n L_n)` with
+    Each term is a mean over the rows `rows_mask` (`[B]`, 1 = the teacher has this row; default
+    all) keeps (negatives: over those rows' slots `negatives_mask` keeps; 0 when none); the loss is `distill_embedding_weight * (w_q L_q + w_p L_p + w_n L_n)` with
     `distill_term_weights = (w_q, w_p, w_n)`. Metrics: `distill_query`, `distill_positive`,
     `distill_negative` (unweighted terms) and `distill_embedding` (the weighted loss).
     """
@@ -384,9 +394,10 @@ def embedding_distillation(
     _check_distill_inputs("query", query, teacher_query, projection)
     _check_distill_inputs("positive", positive, teacher_positive, projection)
     w_q, w_p, w_n = (float(w) for w in distill_term_weights)
-    terms = {"distill_query": jnp.mean(_match(query, teacher_query, projection, distill_embedding_metric)),
-             "distill_positive": jnp.mean(_match(positive, teacher_positive, projection,
-                                                 distill_embedding_metric))}
+    rows = _rows_kept(rows_mask, query.shape[0], "embedding_distillation")
+    terms = {"distill_query": _masked_mean(_match(query, teacher_query, projection, distill_embedding_metric), rows),
+             "distill_positive": _masked_mean(_match(positive, teacher_positive, projection,
+                                                     distill_embedding_metric), rows)}
     total = w_q * terms["distill_query"] + w_p * terms["distill_positive"]
     if negatives is not None and negatives.shape[1] > 0 and w_n:
         if teacher_negatives is None:
@@ -395,7 +406,7 @@ def embedding_distillation(
         _check_distill_inputs("negatives", negatives, teacher_negatives, projection)
         per_slot = _match(negatives, teacher_negatives, projection, distill_embedding_metric)
         keep = jnp.ones(per_slot.shape, bool) if negatives_mask is None else negatives_mask.astype(bool)
-        terms["distill_negative"] = _masked_mean(per_slot, keep)
+        terms["distill_negative"] = _masked_mean(per_slot, keep & rows[:, None])
         total = total + w_n * terms["distill_negative"]
     loss = distill_embedding_weight * total
     return loss, dict(terms, distill_embedding=loss)
@@ -469,6 +480,7 @@ def score_distillation(
     negatives: jax.Array | None,
     teacher_scores: jax.Array,
     candidates_mask: jax.Array,
+    rows_mask: jax.Array | None = None,
     *,
     dims: Sequence[int] = (),
     dim_weights: Sequence[float] = (),
@@ -483,8 +495,9 @@ def score_distillation(
     batch's positives then row i's hard negatives. The student's logits are its cosines at the
     dim's prefix over `distill_student_temperature`, the teacher's its scores over
     `distill_teacher_temperature`; masked candidates are in neither distribution, and a row
-    with one candidate contributes 0. The KL is averaged over rows. Metrics: `distill_kl_d{d}`
-    and `distill_score` (the weighted loss).
+    with one candidate contributes 0. The KL is averaged over the rows `rows_mask` (`[B]`, 1 = the
+    teacher has this row; default all) keeps. Metrics: `distill_kl_d{d}` and `distill_score` (the
+    weighted loss).
     """
     for name, t in (("distill_student_temperature", distill_student_temperature),
                     ("distill_teacher_temperature", distill_teacher_temperature)):
@@ -500,6 +513,7 @@ def score_distillation(
     if len(dim_weights) != len(dims):
         raise ValueError(f"score_distillation: {len(dim_weights)} dim_weights for {len(dims)} dims {dims}")
     keep = candidates_mask.astype(bool)
+    rows = _rows_kept(rows_mask, b, "score_distillation")
     log_t = _masked_log_softmax(teacher_scores.astype(jnp.float32) / distill_teacher_temperature, keep)
     p_t = jnp.where(keep, jnp.exp(log_t), 0.0)
     query = query.astype(jnp.float32)
@@ -512,7 +526,7 @@ def score_distillation(
         if k:
             cols.append(jnp.einsum("id,ikd->ik", q, l2_normalize(negatives[:, :, :dim].astype(jnp.float32))))
         log_s = _masked_log_softmax(jnp.concatenate(cols, axis=1) / distill_student_temperature, keep)
-        kl = jnp.mean(jnp.sum(p_t * (log_t - log_s), axis=-1))
+        kl = _masked_mean(jnp.sum(p_t * (log_t - log_s), axis=-1), rows)
         metrics[f"distill_kl_d{dim}"] = kl
         total = total + weight * kl
     loss = distill_score_weight * total

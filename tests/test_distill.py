@@ -65,7 +65,8 @@ def np_teacher_candidates(tq, tp, tn, qid, pid, nid, valid, in_batch=True):
     return scores, keep
 
 
-def np_score_distillation(q, p, n, t_scores, keep, dims, t_s, t_t):
+def np_score_distillation(q, p, n, t_scores, keep, dims, t_s, t_t, rows=None):
+    rows = np.ones(len(q), bool) if rows is None else rows
     total, per = 0.0, []
     log_t = np_log_softmax(t_scores / t_t, keep)
     p_t = np.where(keep, np.exp(log_t), 0)
@@ -73,7 +74,7 @@ def np_score_distillation(q, p, n, t_scores, keep, dims, t_s, t_t):
         qd, pd, nd = _unit(q[:, :d]), _unit(p[:, :d]), _unit(n[:, :, :d])
         s = np.concatenate([qd @ pd.T, np.einsum("id,ikd->ik", qd, nd)], 1)
         log_s = np_log_softmax(s / t_s, keep)
-        kl = (p_t * (log_t - log_s)).sum(-1).mean()
+        kl = (p_t * (log_t - log_s)).sum(-1)[rows].mean()
         per.append(kl)
         total += kl
     return total, per
@@ -105,6 +106,32 @@ def test_embedding_distillation_matches_numpy(metric, project):
     np.testing.assert_allclose(float(loss), 0.3 * want, rtol=1e-5)
     np.testing.assert_allclose([m["distill_query"], m["distill_positive"], m["distill_negative"]], [lq, lp, ln],
                                rtol=1e-5)
+
+
+def test_rows_the_teacher_lacks_are_left_out_of_both_distillation_losses():
+    """`rows_mask` 0 rows (a dataset with "distill": false): embedding matching equals NumPy on the kept
+    rows alone, and the score KL is the mean over the kept rows of the full batch's per-row KL."""
+    q, p, n, tq, tp, tn, valid, qid, pid, nid = _inputs(dt=5)
+    rows = np.array([1, 0, 1, 1, 0, 1], bool)
+    w = np.random.default_rng(1).normal(size=(8, 5))
+    want, parts = np_embedding_distillation(q[rows], p[rows], n[rows], tq[rows], tp[rows], tn[rows], valid[rows], w,
+                                            "cosine", (1.0, 1.0, 1.0))
+    loss, m = embedding_distillation(*map(jnp.asarray, (q, p, n, tq, tp, tn, valid, w, rows)),
+                                     distill_embedding_weight=1.0)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose([m["distill_query"], m["distill_positive"], m["distill_negative"]], parts, rtol=1e-5)
+    scores, keep = teacher_candidate_scores(jnp.asarray(tq), jnp.asarray(tp), jnp.asarray(tn), None, jnp.asarray(qid),
+                                            jnp.asarray(pid), jnp.asarray(nid), jnp.asarray(valid))
+    want, _ = np_score_distillation(q, p, n, np.asarray(scores), np.asarray(keep), (8,), 0.05, 0.05, rows)
+    loss, _ = score_distillation(jnp.asarray(q), jnp.asarray(p), jnp.asarray(n), scores, keep, jnp.asarray(rows),
+                                 distill_score_weight=1.0)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    unmasked, _ = score_distillation(jnp.asarray(q), jnp.asarray(p), jnp.asarray(n), scores, keep,
+                                     distill_score_weight=1.0)
+    assert abs(float(unmasked) - want) > 1e-4   # the mask changes the result on these inputs
+    with pytest.raises(ValueError, match=r"rows_mask \(5,\) is not \[B\] = \[6\]"):
+        score_distillation(jnp.asarray(q), jnp.asarray(p), jnp.asarray(n), scores, keep, jnp.ones(5, bool),
+                           distill_score_weight=1.0)
 
 
 def test_embedding_distillation_of_other_width_needs_a_projection():
@@ -325,6 +352,33 @@ def test_host_slices_carry_their_rows_signals(signals, tmp_path):
         got = [next(h) for h in hosts]
         for key in ("teacher_query", "teacher_positive", "teacher_negative", "teacher_scores", "query_hash"):
             np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], err_msg=key)
+
+
+def test_a_dataset_marked_distill_false_needs_no_signals_and_its_rows_are_not_distilled(signals, tmp_path):
+    d, data, out = signals
+    other = tmp_path / "translated.jsonl"
+    with open(other, "w") as f:   # texts the teacher never saw
+        for i in range(20):
+            f.write(json.dumps({"query": f"frage {i}", "positive": f"beschreibung {i}",
+                                "negatives": [f"andere {i}"]}) + "\n")
+    it = _iterator([data], out, tmp_path, mode="mixed", datasets=[
+        {"name": "pairs", "builder": "jsonl", "files": [str(data)], "task": "search result", "weight": 1.0},
+        {"name": "translated", "builder": "jsonl", "files": [str(other)], "task": "search result", "weight": 1.0,
+         "distill": False}])
+    by_hash = _texts_by_hash(data)
+    seen = set()
+    for _ in range(4):
+        batch = next(it)
+        from_other = batch["dataset"] == 1
+        seen.update(from_other.tolist())
+        np.testing.assert_array_equal(batch["teacher_valid"], (~from_other).astype(np.float32))
+        for key in ("teacher_query", "teacher_positive", "teacher_negative", "teacher_scores"):
+            assert not batch[key][from_other].any(), key
+        kept = {k: v[~from_other] for k, v in batch.items()}
+        _check_rows(kept, by_hash)
+    assert seen == {True, False}
+    with pytest.raises(SignalsError, match="lack"):   # without the mark the same data is refused
+        next(_iterator([data, other], out, tmp_path))
 
 
 def test_missing_texts_and_other_tasks_are_one_line_errors(signals, tmp_path):

@@ -54,6 +54,9 @@ def test_stages_alone_need_their_inputs_and_a_workdir_keeps_its_settings(tmp_pat
     not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(SystemExit, match="not a GGUF file"):
         driver.main(["--workdir", str(tmp_path / "other"), "--gguf", str(not_gguf), "--quick"])
+    with pytest.raises(SystemExit, match="no such file"):
+        driver.main(["--workdir", str(tmp_path / "other"), "--gguf", str(tmp_path / "gone.gguf"), "--quick"])
+    assert not (tmp_path / "other").exists()   # refused before anything was written
     # The validation task: its packages (by family) are in no training row.
     stats = json.loads((wd / "validation" / "holdout.json").read_text())
     assert stats["queries"] == 16 and stats["corpus"] == 48
@@ -125,6 +128,10 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     config = json.loads((wd / "probes" / "model" / "run" / "config.json").read_text())
     assert [(d["name"], d["weight"]) for d in config["data"]["datasets"]] == [("retrieval", 0.5), ("multilingual", 0.5)]
     assert config["data"]["teacher"] == str(wd / "probes" / "model" / "signals")
+    # The multilingual pairs are not distilled, and the teacher pass never read them.
+    assert [d.get("distill", True) for d in config["data"]["datasets"]] == [True, False]
+    from embedder.distill.signals import read_manifest
+    assert "multilingual" not in json.dumps(read_manifest(wd / "probes" / "model" / "signals")["data"])
     assert (config["loss"]["distill_embedding_weight"], config["loss"]["distill_score_weight"]) == (1.0, 0.5)
     metrics = [json.loads(line) for line in (wd / "probes" / "model" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/distill_embedding" in m for m in metrics)

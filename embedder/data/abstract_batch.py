@@ -42,6 +42,7 @@ def global_batch_shapes(config, row_multiple: int = 8) -> dict[str, ArraySpec]:
 
         manifest = read_manifest(d.teacher)
         f32, width = np.dtype(np.float32), int(manifest["width"])
+        shapes["teacher_valid"] = ((b,), f32)
         if manifest["store"] in ("embeddings", "both"):
             shapes.update({"teacher_query": ((b, width), f32), "teacher_positive": ((b, width), f32)})
             if k:

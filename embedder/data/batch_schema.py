@@ -16,8 +16,9 @@ TOKEN_IDS = ("query_ids", "positive_ids", "negative_ids", "packed_ids")
 # The text-identity hashes `loss.mask_duplicates` compares ([B, 2] / [B, K, 2] uint32).
 TEXT_HASHES = ("query_hash", "positive_hash", "negative_hash")
 # A teacher's signals joined to each row (`data.teacher`; `embedder.distill.signals`), float32:
-# teacher_query / teacher_positive [B, Dt], teacher_negative [B, K, Dt], teacher_scores [B, 1 + K].
-TEACHER_SIGNALS = ("teacher_query", "teacher_positive", "teacher_negative", "teacher_scores")
+# teacher_query / teacher_positive [B, Dt], teacher_negative [B, K, Dt], teacher_scores [B, 1 + K],
+# teacher_valid [B]: 1 where the row's dataset is distilled, 0 (and zero signals) where it is not.
+TEACHER_SIGNALS = ("teacher_query", "teacher_positive", "teacher_negative", "teacher_scores", "teacher_valid")
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:

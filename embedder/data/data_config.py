@@ -13,6 +13,9 @@
                           task     task string for the query prompt, default "search result";
                                    a record's own "task" field wins
                           weight   mixture weight (>= 0), default 1.0
+                          distill  false: with data.teacher, this dataset's rows are not
+                                   distilled (no signals needed for its texts; teacher_valid 0),
+                                   e.g. translated pairs under an English-only teacher; default true
     mode                "homogeneous": each global batch from one dataset, drawn by weight
                         (fine-tuning); "mixed": rows from all datasets in one batch (pre-finetuning)
     query_max_length    tokens per query, prompt and special tokens included (the text is cut)
@@ -42,8 +45,9 @@
                         With grad_cache_chunks > 1 the chunks split the packed rows.
     teacher             a teacher's signals directory (`python -m embedder.distill teacher`), joined to
                         every row by its texts' keys (`embedder.distill.signals`): adds teacher_query,
-                        teacher_positive, teacher_negative and/or teacher_scores to each batch for the
-                        loss.distill_* options; "" (default): no teacher
+                        teacher_positive, teacher_negative and/or teacher_scores, and teacher_valid
+                        (which rows they cover: a dataset's "distill": false leaves its rows out), to
+                        each batch for the loss.distill_* options; "" (default): no teacher
 """
 from __future__ import annotations
 

@@ -260,9 +260,17 @@ class TrainIterator:
         batch["positive_hash"] = text_ids(positives)
         batch["dataset"] = np.array(datasets, np.int32)
         if self.teacher is not None:
-            tasks = [r["task"] or self.entries[d]["task"] for r, d in zip(records, datasets)]
-            batch.update(self.teacher.join(queries, tasks, positives, [r["title"] or None for r in records],
-                                           kept_negatives, self.num_negatives))
+            # Rows of a dataset with "distill": false are not looked up: zero signals, teacher_valid 0.
+            use = np.array([self.entries[d].get("distill", True) is not False for d in datasets], bool)
+            sel = np.flatnonzero(use)
+            tasks = [records[i]["task"] or self.entries[datasets[i]]["task"] for i in sel]
+            joined = self.teacher.join([queries[i] for i in sel], tasks, [positives[i] for i in sel],
+                                       [records[i]["title"] or None for i in sel],
+                                       [kept_negatives[i] for i in sel], self.num_negatives)
+            for key, value in joined.items():
+                batch[key] = np.zeros((n,) + value.shape[1:], np.float32)
+                batch[key][sel] = value
+            batch["teacher_valid"] = use.astype(np.float32)
         return batch
 
     def _produce(self, step, consumed):

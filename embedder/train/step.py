@@ -73,7 +73,8 @@ def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
     """The loss of a batch's embeddings, with its text-identity hashes and negative validity;
     `options`: every loss option (`config.loss_options`). Matryoshka NCE, plus embedding and
     score distillation when their weights are on, from the teacher entries of the batch
-    (`teacher_query`, `teacher_positive`, `teacher_negative`, `teacher_scores`); `projection`:
+    (`teacher_query`, `teacher_positive`, `teacher_negative`, `teacher_scores`, and `teacher_valid`:
+    the rows they cover, the others are not distilled); `projection`:
     the learned student -> teacher map (`params[TEACHER_PROJECTION]`), when the widths differ.
     Metrics: `nce` and each distillation term; `loss` is the total."""
     negatives = embeddings.get("negative")
@@ -91,7 +92,8 @@ def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
         part, terms = embedding_distillation(
             embeddings["query"], embeddings["positive"], negatives, batch["teacher_query"],
             batch["teacher_positive"], batch.get("teacher_negative") if negatives is not None else None,
-            ids["negatives_mask"], projection, **options_for(embedding_distillation, options))
+            ids["negatives_mask"], projection, batch.get("teacher_valid"),
+            **options_for(embedding_distillation, options))
         loss, metrics = loss + part, dict(metrics, **terms)
     if options.get("distill_score_weight", 0.0):
         if "teacher_query" not in batch and "teacher_scores" not in batch:
@@ -104,7 +106,7 @@ def batch_loss(embeddings: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
             None if with_embeddings else batch["teacher_scores"], **ids,
             **options_for(teacher_candidate_scores, options))
         part, terms = score_distillation(embeddings["query"], embeddings["positive"], negatives, scores, keep,
-                                         **options_for(score_distillation, options))
+                                         batch.get("teacher_valid"), **options_for(score_distillation, options))
         loss, metrics = loss + part, dict(metrics, **terms)
     metrics["loss"] = loss
     return loss, metrics
