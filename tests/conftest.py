@@ -29,6 +29,16 @@ def debian_dir():
     return DATA
 
 
+def load_script(path: pathlib.Path):
+    """A script that is not a package module (an experiment driver, a data builder) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_debian_pairs(path: pathlib.Path, n: int) -> pathlib.Path:
     """The first `n` shipped Debian training pairs as a `{query, positive}` JSONL file."""
     import gzip

@@ -2,11 +2,11 @@
 the validation task, untrained eval, stage 1 with a fresh head and its learning curve, mining by the
 stage-1 model, three stage-2 runs, soups selected on the validation task, the export checked in
 sentence-transformers; single stages, missing inputs and changed settings."""
-import importlib.util
 import json
 
 import pytest
 
+from conftest import load_script
 from gguf_files import train_bpe_model, write_tiny_gemma_gguf
 
 pytest.importorskip("gguf")
@@ -14,10 +14,7 @@ pytest.importorskip("sentence_transformers")
 
 
 def _driver(repo_root):
-    spec = importlib.util.spec_from_file_location("gemma3_270m", repo_root / "experiments" / "gemma3_270m.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(repo_root / "experiments" / "gemma3_270m.py")
 
 
 def test_title_passage_rows_split_first_sentences(repo_root):
@@ -112,9 +109,7 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
             r = json.loads(line)
             assert r["query"] not in held and r["positive"] not in docs
     # A probe: stage 1 again with one lever changed, scored on the validation task only.
-    spec = importlib.util.spec_from_file_location("gemma3_270m_probe", repo_root / "experiments" / "gemma3_270m_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script(repo_root / "experiments" / "gemma3_270m_probe.py")
     assert probe.main(["--recipe", str(wd), "--name", "lr1e-3", "--set", '{"lr": 1e-3, "steps": 1, "warmup": 0}']) == 0
     done = json.loads((wd / "probes" / "lr1e-3" / "probe.json").read_text())
     assert done["settings"]["stage1"]["lr"] == 1e-3 and [s for s, _ in done["curve"]] == [1]

@@ -1,18 +1,12 @@
 """experiments/multilingual_eval.py: scores written after every task, a rerun of the same command
 skips what is scored, and a file of another model's scores is refused and left as it is."""
-import importlib.util
 import json
 
 import pytest
 
+from conftest import load_script
+
 pytest.importorskip("bm25s")
-
-
-def _script(repo_root):
-    spec = importlib.util.spec_from_file_location("multilingual_eval", repo_root / "experiments" / "multilingual_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _bitext_task(folder, language, pairs):
@@ -35,7 +29,7 @@ def tasks(tmp_path):
 
 
 def test_scores_resume_and_refuse_another_models_file(repo_root, tasks, tmp_path, capsys):
-    ml = _script(repo_root)
+    ml = load_script(repo_root / "experiments" / "multilingual_eval.py")
     out = tmp_path / "bm25.json"
     assert ml.main(["--model", "bm25", "--tasks", str(tasks), "--out", str(out)]) == 0
     full = json.loads(out.read_text())
