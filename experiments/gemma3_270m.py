@@ -376,6 +376,9 @@ class Recipe:
                 rows[int(r["step"])] = int(config.batch_size) / float(r["train/examples_per_sec"])
         self.timing[name]["step_seconds_all_starts"] = round(sum(rows.values()), 1)
         self.timing_file.write_text(json.dumps(self.timing, indent=1))
+        if not (out / "export" / "model.json").is_file():   # stopped by a signal after saving a step
+            raise SystemExit(f"stage {name} stopped at step {max(rows, default=0)} of {int(config.total_steps)} "
+                             "before its export (a signal); rerun the same command to continue")
         return out
 
     def stage1(self, records: list[dict]) -> pathlib.Path:

@@ -156,3 +156,22 @@ def test_quick_run_goes_through_every_stage(tmp_path, repo_root, tiny_gguf):
     with pytest.raises(SystemExit, match=r"its stage 1 ran with other settings \(stage1.steps: 2 -> 3"):
         driver.main(["--workdir", str(tmp_path / "bad"), "--gguf", str(tiny_gguf), "--quick", "--stage1-steps", "3",
                      "--reuse-stage1", str(wd)])
+
+
+def test_a_training_stage_stopped_by_a_signal_ends_in_one_line(repo_root, tmp_path, monkeypatch):
+    """The loop saves and returns on SIGTERM without an export: the driver says so and how to go on."""
+    import logging
+
+    import ml_collections
+
+    import embedder.train.loop as loop
+
+    def stopped(config, out):   # what the loop leaves after SIGTERM: metrics, a checkpoint, no export
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 7, "train/examples_per_sec": 2.0}) + "\n")
+
+    monkeypatch.setattr(loop, "train", stopped)
+    run = _driver(repo_root).Recipe(tmp_path, {"dtype": "float32"}, None, logging.getLogger("t"))
+    config = ml_collections.ConfigDict(dict(data=dict(data_dir=""), total_steps=120, batch_size=4, grad_cache_chunks=0))
+    with pytest.raises(SystemExit, match=r"stage stage2_x stopped at step 7 of 120 .* rerun the same command"):
+        run.train("stage2_x", config)
