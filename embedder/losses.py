@@ -381,7 +381,8 @@ def embedding_distillation(
     a trained parameter) when the teacher's width `Dt` differs, and compared with the unit teacher
     embedding by `distill_embedding_metric`: "l2" (`||s - t||^2`) or "cosine" (`1 - cos`).
     Each term is a mean over the rows `rows_mask` (`[B]`, 1 = the teacher has this row; default
-    all) keeps (negatives: over those rows' slots `negatives_mask` keeps; 0 when none); the loss is `distill_embedding_weight * (w_q L_q + w_p L_p + w_n L_n)` with
+    all) keeps (negatives: over those rows' slots `negatives_mask` keeps; 0 when none); the loss
+    is `distill_embedding_weight * (w_q L_q + w_p L_p + w_n L_n)` with
     `distill_term_weights = (w_q, w_p, w_n)`. Metrics: `distill_query`, `distill_positive`,
     `distill_negative` (unweighted terms) and `distill_embedding` (the weighted loss).
     """

@@ -497,12 +497,12 @@ class Recipe:
         c.init_from = str(self.need(self.wd / "stage1" / "export", "stage2", "stage1"))
         c.data.datasets = self.stage2_datasets(st, mined, self.wd / "section_rows.jsonl", folder)
         if st.get("teacher"):
+            from embedder.data.data_config import is_distilled
             from embedder.distill.teacher import run_teacher
 
             teacher = pathlib.Path(st["teacher"]).expanduser()
             self.need(teacher, "stage2 (its teacher)", "the teacher's own training")
-            run_teacher(str(teacher), [d["files"][0] for d in c.data.datasets if d.get("distill", True)], signals,
-                        quiet=True)
+            run_teacher(str(teacher), [d["files"][0] for d in c.data.datasets if is_distilled(d)], signals, quiet=True)
             c.data.teacher = str(signals)
             c.loss.distill_embedding_weight, c.loss.distill_score_weight = map(float, st.get("distill_weights", (1, 1)))
         return c

@@ -151,11 +151,11 @@ def resume_scores(out: pathlib.Path | None, model: str, names: list[str]) -> tup
 
 def write_scores(out: pathlib.Path, model: str, scores: dict, sizes: dict, minutes: float, complete: bool):
     """Writes the scores so far (atomically: a kill leaves the previous file)."""
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"model": model, "scores": scores, "sizes": sizes, "minutes": minutes,
-                               "complete": complete, "host": platform.node(),
-                               "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
-    tmp.replace(out)
+    from embedder.train.workdir_files import write_atomic
+
+    write_atomic(out, json.dumps({"model": model, "scores": scores, "sizes": sizes, "minutes": minutes,
+                                  "complete": complete, "host": platform.node(),
+                                  "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
 
 
 def main(argv=None) -> int:

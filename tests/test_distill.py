@@ -379,6 +379,9 @@ def test_a_dataset_marked_distill_false_needs_no_signals_and_its_rows_are_not_di
     assert seen == {True, False}
     with pytest.raises(SignalsError, match="lack"):   # without the mark the same data is refused
         next(_iterator([data, other], out, tmp_path))
+    from embedder.data.data_config import is_distilled
+    with pytest.raises(ValueError, match=r"'translated': \"distill\": 'no' must be true or false"):
+        is_distilled({"name": "translated", "distill": "no"})
 
 
 def test_missing_texts_and_other_tasks_are_one_line_errors(signals, tmp_path):

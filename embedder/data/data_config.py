@@ -103,6 +103,15 @@ def jsonl_files_entry(files: str) -> dict:
     return {"name": name or "data", "builder": "jsonl", "files": paths, "task": DEFAULT_TASK, "weight": 1.0}
 
 
+def is_distilled(entry: dict) -> bool:
+    """Whether a dataset entry's rows are distilled when data.teacher is set (its "distill", default true)."""
+    value = entry.get("distill", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"data_config.datasets entry {entry.get('name')!r}: \"distill\": {value!r} must be "
+                         "true or false")
+    return value
+
+
 def dataset_entries(data_config) -> list[dict]:
     """`data_config.datasets` as dicts with defaults filled in; names must be unique. A string
     names JSONL files of one dataset (`jsonl_files_entry`)."""

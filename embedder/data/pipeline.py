@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from embedder.data.builders import prepare_dataset
-from embedder.data.data_config import checked_buckets, dataset_entries
+from embedder.data.data_config import checked_buckets, dataset_entries, is_distilled
 from embedder.data.global_lengths import GlobalLengths
 from embedder.data.mixture import MixtureSchedule
 from embedder.data.packing import pack_batch
@@ -95,6 +95,7 @@ class TrainIterator:
         self.tokenizer = tokenizer
         self.prompts = prompts if isinstance(prompts, Prompts) else Prompts.from_spec(prompts)
         self.entries = entries
+        self._distilled = np.array([is_distilled(e) for e in entries], bool)   # per dataset, data.teacher's rows
         self.dataset_names = [e["name"] for e in entries]
         self.global_batch_size = int(global_batch_size)
         self.host_batch_size = self.global_batch_size // process_count
@@ -261,7 +262,7 @@ class TrainIterator:
         batch["dataset"] = np.array(datasets, np.int32)
         if self.teacher is not None:
             # Rows of a dataset with "distill": false are not looked up: zero signals, teacher_valid 0.
-            use = np.array([self.entries[d].get("distill", True) is not False for d in datasets], bool)
+            use = self._distilled[np.asarray(datasets, np.int64)]
             sel = np.flatnonzero(use)
             tasks = [records[i]["task"] or self.entries[datasets[i]]["task"] for i in sel]
             joined = self.teacher.join([queries[i] for i in sel], tasks, [positives[i] for i in sel],
