@@ -582,7 +582,7 @@ class Recipe:
         against the test task's. Cached in `eval/bm25.json`."""
         out = self.wd / "eval" / "bm25.json"
         if not out.is_file():
-            from experiments.multilingual_eval import evaluate_bm25
+            from embedder.evaluate.bm25_baseline import evaluate_bm25
 
             tasks = self.tasks(False)
             scores = {k: evaluate_bm25(tasks[k]) for k in ("validation", "retrieval")}

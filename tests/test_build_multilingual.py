@@ -2,19 +2,14 @@
 Description-md5, the package split read from the English files, deduplication, the tasks."""
 import gzip
 import hashlib
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 from embedder.evaluate.tasks import load_task
 
-spec = importlib.util.spec_from_file_location("build_debian_multilingual", REPO / "data" / "build_debian_multilingual.py")
-bdm = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bdm  # dataclasses look their module up
-spec.loader.exec_module(bdm)
+bdm = load_script(REPO / "data" / "build_debian_multilingual.py")
 
 WORDS = ("apple banana cherry delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()

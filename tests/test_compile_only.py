@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import load_script
 from embedder import sharding
 from embedder.train import compile_only as co
 
@@ -134,10 +135,7 @@ def test_compile_only_bad_mesh_is_a_clear_error(capsys):
 
 
 def _pod_config(name, stage="prefinetune"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+    return load_script(ROOT / "experiments" / f"{name}.py").get_config(stage)
 
 
 @pytest.mark.parametrize("flag,want", [("", "v5e:4x4"), ("v5e:2x2", "v5e:2x2")])

@@ -1,7 +1,6 @@
 """`init_from` a pretrained body without a head: fresh projection layers from the run's seed, the
 source's tokenizer, one-line errors for sources that do not fit, and no re-init on resume.
 Also the Gemma-family HF folder that ships only tokenizer.json."""
-import importlib.util
 import json
 import logging
 
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import write_debian_pairs
+from conftest import load_script, write_debian_pairs
 from gguf_files import train_bpe_model, write_tiny_gemma_gguf
 
 pytest.importorskip("gguf")
@@ -40,10 +39,7 @@ def headless_export(tmp_path_factory, bpe_model):
 
 def _tiny_config(pairs_file, repo_root, source, source_spec, **changes):
     """tests/configs/tiny.py on `source_spec`'s architecture with a 16-wide projection, from `source`."""
-    spec = importlib.util.spec_from_file_location("tiny_config", repo_root / "tests" / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(str(pairs_file))
+    c = load_script(repo_root / "tests" / "configs" / "tiny.py").get_config(str(pairs_file))
     c.model = dict(source_spec["model"], projection_dims=(16,), mrl_dims=(16, 8))
     c.loss.dims = (16, 8)
     c.tokenizer.file = ""   # the source model's own tokenizer
@@ -210,9 +206,7 @@ def test_pod_configs_start_from_a_converted_headless_gemma3(name, repo_root):
     from embedder.model.layer_stack import match_layer_layout
     from embedder.train.init_from import check_source
 
-    spec = importlib.util.spec_from_file_location(name, repo_root / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(repo_root / "experiments" / f"{name}.py")
     cfg = ModelConfig.from_dict(module.get_config("prefinetune").model.to_dict())
     source_cfg = config_from_hf(config_to_hf(cfg))   # what from-hf makes of the HF checkpoint's config.json
     assert not source_cfg.scan_layers and source_cfg.projection_dims == ()

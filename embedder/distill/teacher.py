@@ -22,6 +22,7 @@ from embedder.data.prompts import DEFAULT_TASK
 from embedder.data.records import BadRecordLog, read_jsonl_pairs
 from embedder.distill.signals import (SIGNALS_FILE, STORES, VERSION, SignalsError, document_keys, pair_keys,
                                       query_keys)
+from embedder.train.workdir_files import write_atomic
 
 PARTIAL = "partial"
 
@@ -76,12 +77,6 @@ def _atomic_save(path: pathlib.Path, array: np.ndarray):
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: pathlib.Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_teacher(teacher, files: Sequence[str], out, *, task: str = DEFAULT_TASK, store: str = "embeddings",
                 batch_size: int = 64, max_length: int | None = None, dtype: str = "float32",
                 chunk_texts: int = 2048, on_bad_record: str = "strict", overwrite: bool = False,
@@ -126,7 +121,7 @@ def run_teacher(teacher, files: Sequence[str], out, *, task: str = DEFAULT_TASK,
                                    "finish it, choose another --out, or pass --overwrite to start over")
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(partial / "partial.json", json.dumps(fingerprint))
+    write_atomic(partial / "partial.json", json.dumps(fingerprint))
 
     queries, documents, pairs, bad = collect_texts(files, task, on_bad_record)
     if not queries:
@@ -186,7 +181,7 @@ def run_teacher(teacher, files: Sequence[str], out, *, task: str = DEFAULT_TASK,
                 "store": store, "width": width, "dtype": dtype, "counts": counts,
                 "skipped_records": dict(bad.counts), "texts_per_second": encoded / seconds if encoded else None,
                 "fingerprint": fingerprint}
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
     shutil.rmtree(partial)
     if not quiet:
         print(f"teacher: wrote {out} ({counts['queries']} queries, {counts['documents']} documents, width {width}, "

@@ -1,7 +1,7 @@
 """Lexical retrieval: the BM25 tokenizer, top-k BM25 search (`bm25s`) and bag-of-words cosine.
 
 One tokenizer serves BM25 hard-negative mining and the BM25 baseline of
-experiments/multilingual_eval.py: lower-cased `\\w+` words, plus character bigrams of every
+embedder.evaluate.bm25_baseline: lower-cased `\\w+` words, plus character bigrams of every
 run of Han, kana or Hangul (scripts written without spaces).
 """
 from __future__ import annotations
