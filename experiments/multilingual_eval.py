@@ -42,6 +42,8 @@ ROWS = (("bitext accuracy (R@1)", "debian_bitext_", "accuracy"),
         ("cross-lingual nDCG@10", "debian_xlret_", "ndcg_at_10"),
         ("monolingual nDCG@10", "debian_monoret_", "ndcg_at_10"),
         ("section accuracy", "debian_section_", "accuracy"))
+# A task folder's language suffix (debian_bitext_pt-br -> pt-br) -> its group.
+GROUP_OF = {lang.lower().replace("_", "-"): g for g, langs in GROUPS.items() for lang in langs}
 
 
 def task_dirs(root: pathlib.Path = TASKS) -> list[pathlib.Path]:
@@ -106,9 +108,8 @@ def table(scores: dict[str, dict[str, float]], label: str) -> str:
         if not per_lang:
             continue
         cells = []
-        for langs in GROUPS.values():
-            vals = [per_lang[lang.lower().replace("_", "-")] for lang in langs
-                    if lang.lower().replace("_", "-") in per_lang]
+        for g in GROUPS:
+            vals = [v for lang, v in per_lang.items() if GROUP_OF.get(lang) == g]
             cells.append(f"{np.mean(vals):.3f} ({len(vals)})" if vals else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(list(per_lang.values())):.3f} |")
     return "\n".join(lines)
@@ -117,15 +118,10 @@ def table(scores: dict[str, dict[str, float]], label: str) -> str:
 NDCG_PREFIXES = ("debian_bitext_", "debian_xlret_", "debian_monoret_")
 
 
-def _language(folder: str) -> str:
-    return folder.rsplit("_", 1)[1]
-
-
 def compare(results: dict[str, dict]) -> str:
     """One Markdown row per model: each task type's mean over languages, then nDCG@10 over every
     bitext and retrieval task (all, and per language group). `results[label]` is an `--out` file's
     JSON; a partial file is marked with its task count."""
-    groups = {lang.lower().replace("_", "-"): g for g, langs in GROUPS.items() for lang in langs}
     head = ([name for name, _, _ in ROWS] + ["mean nDCG@10 (all)"] + [f"nDCG@10 {g}" for g in GROUPS])
     lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for label, res in results.items():
@@ -137,7 +133,7 @@ def compare(results: dict[str, dict]) -> str:
         ndcg = {f: s["ndcg_at_10"] for f, s in scores.items() if f.startswith(NDCG_PREFIXES) and s}
         cells.append(f"**{np.mean(list(ndcg.values())):.3f}**" if ndcg else "-")
         for g in GROUPS:
-            vals = [v for f, v in ndcg.items() if groups.get(_language(f)) == g]
+            vals = [v for f, v in ndcg.items() if GROUP_OF.get(f.rsplit("_", 1)[1]) == g]
             cells.append(f"{np.mean(vals):.3f}" if vals else "-")
         name = label if res.get("complete", True) else f"{label} (partial: {len(scores)} tasks)"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
