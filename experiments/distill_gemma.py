@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
 
 from experiments import debian_recipe as recipe  # noqa: E402
 from experiments import gemma3_270m  # noqa: E402
+from experiments.recipe_workdir import settings_diff  # noqa: E402
 
 RETRIEVAL = recipe.TASKS / "debian_retrieval"
 
@@ -46,7 +47,7 @@ def same_run(run: pathlib.Path, config) -> pathlib.Path:
     have.pop("model_spec", None)
     for cfg in (want, have):
         cfg.get("data", {}).pop("data_dir", None)
-    diff = gemma3_270m._diff(have, want)
+    diff = settings_diff(have, want)
     if diff:
         raise SystemExit(f"--plain {run}: it trained with another config ({diff}); drop --plain to train the plain run")
     return run / "export"
