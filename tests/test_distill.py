@@ -17,7 +17,7 @@ from embedder.data.prompts import Prompts
 from embedder.data.text_identity import text_ids
 from embedder.distill.signals import SignalsError, TeacherSignals
 from embedder.distill.teacher import run_teacher
-from embedder.losses import embedding_distillation, score_distillation, teacher_candidate_scores
+from embedder.distill.losses import embedding_distillation, score_distillation, teacher_candidate_scores
 from embedder.train.config import ConfigError, base_config, check_config, loss_defaults
 from embedder.train.step import make_grad_fn
 from test_train_step import StandInEncoder, make_batch, mesh_of

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedder.losses import LOSS_FUNCTIONS, matryoshka_nce, options_for
+from embedder.losses import matryoshka_nce
+from embedder.train.loss_options import LOSS_FUNCTIONS, options_for
 from embedder.train.config import base_config, loss_options
 
 RTOL = 1e-5

@@ -54,7 +54,7 @@ TEACHER_PROJECTION = "teacher_projection"
 
 class TeacherProjection(nn.Module):
     """Bias-free `[D] -> [teacher_dim]` map of unit student embeddings onto a teacher's width
-    (`losses.embedding_distillation`'s `projection`: `params["w"]`)."""
+    (`distill.losses.embedding_distillation`'s `projection`: `params["w"]`)."""
 
     teacher_dim: int
     param_dtype: jnp.dtype = jnp.float32

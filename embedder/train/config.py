@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from embedder.data.data_config import default_data_config
-from embedder.losses import LOSS_FUNCTIONS
+from embedder.train.loss_options import LOSS_FUNCTIONS
 from embedder.model.config import get_model_config
 
 ConfigDict = ml_collections.ConfigDict
@@ -24,7 +24,7 @@ def model_config_dict(name: str, **overrides) -> ConfigDict:
 
 def loss_defaults() -> dict[str, Any]:
     """The loss options and their defaults: the keyword-only arguments of the step's loss functions
-    (`losses.LOSS_FUNCTIONS`: `matryoshka_nce` and the distillation losses); an option several
+    (`train.loss_options.LOSS_FUNCTIONS`: `matryoshka_nce` and the distillation losses); an option several
     take (`dims`, `dim_weights`, `mask_duplicates`) is one option, given to each."""
     out: dict[str, Any] = {}
     for fn in LOSS_FUNCTIONS:
@@ -70,7 +70,7 @@ def base_config() -> ConfigDict:
     c.prompts = ConfigDict({"query": "task: {task} | query: {text}",
                             "document": "title: {title} | text: {text}"})
 
-    # The loss functions' keyword arguments, their defaults (embedder/losses.py documents them):
+    # The loss functions' keyword arguments, their defaults (embedder/losses.py and embedder/distill/losses.py document them):
     # matryoshka_nce's, and distill_* for distillation from a teacher (data.teacher names its
     # signals); loss.dims empty: the model's own model.mrl_dims.
     c.loss = ConfigDict(loss_defaults())

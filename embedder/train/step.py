@@ -18,10 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embedder import sharding
 from embedder.data.batch_schema import encoder_inputs, is_packed
-from embedder.losses import (embedding_distillation, matryoshka_nce, options_for, score_distillation,
-                             teacher_candidate_scores)
+from embedder.distill.losses import embedding_distillation, score_distillation, teacher_candidate_scores
+from embedder.losses import matryoshka_nce
 from embedder.model.heads import TEACHER_PROJECTION, model_params
 from embedder.train.config import loss_options
+from embedder.train.loss_options import options_for
 from embedder.train.grad_cache import cached_value_and_grad
 from embedder.train.optim import frozen_labels
 from embedder.train.state import TrainState, create_train_state  # noqa: F401  (re-exported)
