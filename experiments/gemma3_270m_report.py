@@ -27,13 +27,16 @@ def write_report(rows: dict[str, dict], walls: dict[str, float], wd: pathlib.Pat
     """results.md / results.json / results.png / learning_curve.png; `bm25`: the plain BM25 row;
     `stage2`: {run: [(pairs seen, validation score)] from stage 1's end to the run's}."""
     wall = [f"{walls[n] / 60:.1f} min" if n in walls else "-" for n in rows]
+    per_step = extra.get("median_step_s", {})
+    step = [f"{per_step[n]:.1f} s" if n in per_step else "-" for n in rows]
     references = dict(REFERENCES, **{"BM25, no stemming": bm25})
-    table = recipe.results_table(rows, COLUMNS, references=references, extra={"wall": wall})
+    table = recipe.results_table(rows, COLUMNS, references=references, extra={"wall": wall, "s/step": step})
     stage_walls = ", ".join(f"{k} {v['wall_s'] / 60:.1f} min" for k, v in extra.get("timing", {}).items())
     note = (f"\nThe untrained model has no projection: its 768 column is its 640-dim mean pool. Every choice "
             f"(the greedy soup's ingredients, the exported model) maximised the validation column; "
             f"debian_retrieval and the section tasks were never chosen on. Exported: {extra.get('export', {}).get('model', '-')}. "
-            f"Wall: a row's training (or conversion) time. Every stage: {stage_walls}.\n")
+            f"Wall: a row's training (or conversion) time, over every start when it was resumed (its step "
+            f"times summed); s/step: its median step. Every stage (wall of its last start): {stage_walls}.\n")
     (wd / "results.md").write_text(table + note)
     (wd / "results.json").write_text(json.dumps({"rows": rows, "wall_s": walls, "learning_curve": curve,
                                                  "references": references, **extra}, indent=1))
@@ -50,8 +53,9 @@ def write_report(rows: dict[str, dict], walls: dict[str, float], wd: pathlib.Pat
 
 def scored_rows(run) -> tuple[dict[str, dict], dict[str, float]]:
     """Every model scored in the workdir, in recipe order, and its training wall time."""
-    def wall(*stages_):
-        return sum(run.timing.get(s, {}).get("wall_s", 0.0) for s in stages_)
+    def wall(*stages_):   # a resumed stage's wall_s is its last start's: its steps over all starts may be more
+        return sum(max(run.timing.get(s, {}).get("wall_s", 0.0), run.timing.get(s, {}).get("step_seconds_all_starts", 0.0))
+                   for s in stages_)
 
     names = [("untrained (converted LLM)", "untrained", run.base, ("convert",)),
              ("1: pre-finetuned", "stage1", run.wd / "stage1" / "export", ("stage1",))]
@@ -74,6 +78,7 @@ def finish(run, extra, wd) -> int:
     extra["total_wall_s"] = sum(v.get("wall_s", 0.0) for v in run.timing.values())
     extra["peak_rss_gb"] = max((v.get("peak_rss_gb", 0.0) for v in run.timing.values()), default=0.0)
     rows, walls = scored_rows(run)
+    extra["median_step_s"] = median_step_seconds(run)
     if rows:
         curve = run.learning_curve()
         stage2 = {}
@@ -85,3 +90,19 @@ def finish(run, extra, wd) -> int:
         print(write_report(rows, walls, wd, extra, curve, run.bm25_reference(), stage2))
     print(json.dumps({k: extra[k] for k in ("total_wall_s", "peak_rss_gb")}, indent=1))
     return 0
+
+
+def median_step_seconds(run) -> dict[str, float]:
+    """{row label: median seconds per training step over every start} of stage 1 and the stage-2 runs."""
+    import statistics
+
+    from experiments.gemma3_270m_stages import step_seconds
+
+    stages = {"1: pre-finetuned": ("stage1", run.s["stage1"]["batch"])}
+    stages.update({f"2: {s['name']}": (f"stage2_{s['name']}", run.s["stage2"]["batch"]) for s in run.s["runs"]})
+    out = {}
+    for label, (name, batch) in stages.items():
+        seconds = step_seconds(run.wd / name, batch)
+        if seconds:
+            out[label] = round(statistics.median(seconds.values()), 2)
+    return out

@@ -33,6 +33,18 @@ def _fingerprint(params) -> str:
     return h.hexdigest()
 
 
+def step_seconds(run: pathlib.Path, batch: int) -> dict[int, float]:
+    """{step: seconds} of a training run over every start, from its `metrics.jsonl` (a killed
+    start's steps after its last checkpoint are logged twice: the later one is kept)."""
+    rows = {}
+    metrics = run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else ():
+        r = json.loads(line)
+        if r.get("train/examples_per_sec"):
+            rows[int(r["step"])] = batch / float(r["train/examples_per_sec"])
+    return rows
+
+
 class StageInputMissing(SystemExit):
     pass
 
@@ -207,11 +219,7 @@ class Recipe:
                    grad_cache_chunks=int(config.grad_cache_chunks), dtype=self.dtype, resumed_from=resumed_from)
         # A resumed stage's wall_s covers the last start only; the step times of every start are in
         # its metrics (a killed start's steps after its last checkpoint are logged twice: kept once).
-        rows = {}
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r.get("train/examples_per_sec"):
-                rows[int(r["step"])] = int(config.batch_size) / float(r["train/examples_per_sec"])
+        rows = step_seconds(out, int(config.batch_size))
         self.timing[name]["step_seconds_all_starts"] = round(sum(rows.values()), 1)
         self.timing_file.write_text(json.dumps(self.timing, indent=1))
         if not (out / "export" / "model.json").is_file():   # stopped by a signal after saving a step
