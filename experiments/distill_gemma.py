@@ -3,7 +3,7 @@ equal steps, same stage-1 start, data, seed and batch, scored on debian_retrieva
 
     python experiments/gemma3_270m.py --workdir workdir/gemma3_270m --stages convert,stage1,mine
     python experiments/minilm_finetune.py --workdir runs/minilm                  # the teacher (or any model)
-    python experiments/distill_gemma.py --recipe workdir/gemma3_270m --teacher runs/minilm/export \
+    python experiments/distill_gemma.py --recipe workdir/gemma3_270m --teacher runs/minilm/train/export \
         --workdir workdir/distill_gemma
 
 From the Gemma recipe's workdir it takes the stage-1 export (the start of both runs) and the

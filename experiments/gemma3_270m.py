@@ -1,6 +1,6 @@
 """The method on a real LLM: Gemma 3 270M made into an embedding model, two stages and a soup (CPU, offline).
 
-    python experiments/gemma3_270m.py --workdir ~/runs/gemma3_270m          # the whole recipe
+    python experiments/gemma3_270m.py --workdir ~/runs/gemma3_270m --teacher runs/minilm/train/export   # the recipe
     python experiments/gemma3_270m.py --workdir /tmp/g --quick               # a smoke run of every stage
 
 Every choice is made on a **validation task** held out of the training pairs by package family

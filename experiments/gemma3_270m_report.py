@@ -78,7 +78,11 @@ def finish(run, extra, wd) -> int:
     extra["total_wall_s"] = sum(v.get("wall_s", 0.0) for v in run.timing.values())
     extra["peak_rss_gb"] = max((v.get("peak_rss_gb", 0.0) for v in run.timing.values()), default=0.0)
     rows, walls = scored_rows(run)
-    extra["median_step_s"] = median_step_seconds(run)
+    steps = training_steps(run)
+    extra["median_step_s"] = {label: s["median_s"] for label, s in steps.items()}
+    for label, s in steps.items():   # a stage resumed before its timing kept every start's step times
+        if label in walls:
+            walls[label] = max(walls[label], s["sum_s"])
     if rows:
         curve = run.learning_curve()
         stage2 = {}
@@ -92,8 +96,9 @@ def finish(run, extra, wd) -> int:
     return 0
 
 
-def median_step_seconds(run) -> dict[str, float]:
-    """{row label: median seconds per training step over every start} of stage 1 and the stage-2 runs."""
+def training_steps(run) -> dict[str, dict[str, float]]:
+    """{row label: median and summed seconds per training step over every start} of stage 1 and
+    the stage-2 runs."""
     import statistics
 
     from experiments.gemma3_270m_stages import step_seconds
@@ -104,5 +109,6 @@ def median_step_seconds(run) -> dict[str, float]:
     for label, (name, batch) in stages.items():
         seconds = step_seconds(run.wd / name, batch)
         if seconds:
-            out[label] = round(statistics.median(seconds.values()), 2)
+            out[label] = {"median_s": round(statistics.median(seconds.values()), 2),
+                          "sum_s": round(sum(seconds.values()), 1)}
     return out
