@@ -10,6 +10,7 @@ from conftest import REPO, load_script
 from embedder.evaluate.tasks import load_task
 
 bdm = load_script(REPO / "data" / "build_debian_multilingual.py")
+apt = load_script(REPO / "data" / "apt_indexes.py")
 
 WORDS = ("apple banana cherry delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -87,19 +88,19 @@ def fixture(tmp_path):
 
 
 def _read(lists, kind):
-    return bdm.read_text(bdm.index_path(lists, kind))
+    return apt.read_text(apt.index_path(lists, kind))
 
 
 def test_descriptions_are_read_in_the_english_data_form():
-    syn, long = bdm.split_description("A  tool\n first  line\n .\n second line\n")
+    syn, long = apt.split_description("A  tool\n first  line\n .\n second line\n")
     assert (syn, long) == ("A tool", "first line second line")
 
 
 def test_pools_from_the_shipped_english_files(fixture):
     lists, english_dir = fixture
-    packages = bdm.read_packages(_read(lists, "Packages"))
+    packages = apt.read_packages(_read(lists, "Packages"))
     assert packages["beta-doc"].source == "beta" and packages["beta"].section == "net"
-    english = bdm.read_translations(_read(lists, "en"), "en")
+    english = apt.read_translations(_read(lists, "en"), "en")
     pools = bdm.read_pools(english_dir, packages, english)
     assert pools.train == {"alpha"}
     # beta through beta-doc, gamma and gamma-data and eta through the retrieval corpus, delta and
@@ -110,9 +111,9 @@ def test_pools_from_the_shipped_english_files(fixture):
 
 def test_join_goes_by_description_md5(fixture):
     lists, _ = fixture
-    packages = bdm.read_packages(_read(lists, "Packages"))
-    english = bdm.read_translations(_read(lists, "en"), "en")
-    german = bdm.read_translations(_read(lists, "de"), "de")
+    packages = apt.read_packages(_read(lists, "Packages"))
+    english = apt.read_translations(_read(lists, "en"), "en")
+    german = apt.read_translations(_read(lists, "de"), "de")
     rows = {r.package: r for r in bdm.join_translations(packages, english, german)}
     assert STALE not in rows  # translation of an older English text
     assert "eta" not in rows  # synopsis left in English
