@@ -51,11 +51,13 @@ def write_report(rows: dict[str, dict], walls: dict[str, float], wd: pathlib.Pat
     return table
 
 
-def scored_rows(run) -> tuple[dict[str, dict], dict[str, float]]:
-    """Every model scored in the workdir, in recipe order, and its training wall time."""
-    def wall(*stages_):   # a resumed stage's wall_s is its last start's: its steps over all starts may be more
-        return sum(max(run.timing.get(s, {}).get("wall_s", 0.0), run.timing.get(s, {}).get("step_seconds_all_starts", 0.0))
-                   for s in stages_)
+def scored_rows(run, steps: dict[str, dict[str, float]]) -> tuple[dict[str, dict], dict[str, float]]:
+    """Every model scored in the workdir, in recipe order, and its training wall time: a resumed
+    stage's `wall_s` is its last start's, so a training row takes its step times over every start
+    (`steps`, from `training_steps`) when they sum to more."""
+    def wall(label, *stages_):
+        return max(sum(run.timing.get(s, {}).get("wall_s", 0.0) for s in stages_),
+                   steps.get(label, {}).get("sum_s", 0.0))
 
     names = [("untrained (converted LLM)", "untrained", run.base, ("convert",)),
              ("1: pre-finetuned", "stage1", run.wd / "stage1" / "export", ("stage1",))]
@@ -69,7 +71,7 @@ def scored_rows(run) -> tuple[dict[str, dict], dict[str, float]]:
         if out.is_file():
             rows[label] = run.with_dims(json.loads(out.read_text()), path)
             if stages:
-                walls[label] = wall(*stages)
+                walls[label] = wall(label, *stages)
     return rows, walls
 
 
@@ -77,12 +79,9 @@ def finish(run, extra, wd) -> int:
     extra["timing"] = run.timing
     extra["total_wall_s"] = sum(v.get("wall_s", 0.0) for v in run.timing.values())
     extra["peak_rss_gb"] = max((v.get("peak_rss_gb", 0.0) for v in run.timing.values()), default=0.0)
-    rows, walls = scored_rows(run)
     steps = training_steps(run)
+    rows, walls = scored_rows(run, steps)
     extra["median_step_s"] = {label: s["median_s"] for label, s in steps.items()}
-    for label, s in steps.items():   # a stage resumed before its timing kept every start's step times
-        if label in walls:
-            walls[label] = max(walls[label], s["sum_s"])
     if rows:
         curve = run.learning_curve()
         stage2 = {}

@@ -3,12 +3,12 @@ encodings, stage 1, mining, stage 2 (with a teacher), soups, the `to-hf` export,
 BM25 reference and learning curve the report draws."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
-import hashlib
 import resource
-import time
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
